@@ -1,0 +1,266 @@
+"""`Slide`: one small, obvious object over a whole-slide image (after openslide-python's own surface).
+
+Backends, tried in order: OpenSlide (every vendor format); tiatoolbox's reader when it is already installed
+(formats OpenSlide refuses); and a plain-image reader for small untiled TIFF/PNG/JPEG files (OpenSlide's
+own `ImageSlide`, PIL-based). Everything else — segmentation, grids — lives outside this module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_pipeline.units import MPP, Level0Px, LevelPx
+
+WSI_EXTENSIONS = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi", ".dcm",
+)
+# Plausible scan resolutions; anything outside is a placeholder (e.g. 72 dpi TIFF defaults = 352 µm/px).
+_MPP_RANGE = (0.05, 50.0)
+
+
+class SlideError(Exception):
+    """A slide cannot be opened or used; the message is one line naming the file and the fix."""
+
+
+@dataclass(frozen=True)
+class MppInfo:
+    mpp: MPP
+    source: str
+
+
+def _mpp_from_properties(props: Mapping[str, str]) -> MppInfo | None:
+    """DESIGN §5 order after the override: openslide.mpp > aperio.MPP > TIFF resolution > objective power."""
+
+    def plausible(value: float) -> bool:
+        return _MPP_RANGE[0] <= value <= _MPP_RANGE[1]
+
+    def number(key: str) -> float | None:
+        try:
+            value = float(props[key])
+        except (KeyError, ValueError):
+            return None
+        return value if math.isfinite(value) and value > 0 else None
+
+    mx, my = number("openslide.mpp-x"), number("openslide.mpp-y")
+    if mx and plausible(mx):
+        return MppInfo(MPP((mx + (my or mx)) / 2), "openslide.mpp")
+    aperio = number("aperio.MPP")
+    if aperio and plausible(aperio):
+        return MppInfo(MPP(aperio), "aperio.MPP")
+    xres, unit = number("tiff.XResolution"), props.get("tiff.ResolutionUnit", "").lower()
+    microns_per_unit = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
+    if xres and microns_per_unit and plausible(microns_per_unit / xres):
+        return MppInfo(MPP(microns_per_unit / xres), "tiff.resolution")
+    power = number("openslide.objective-power")
+    if power:
+        return MppInfo(MPP(10.0 / power), "objective-power (approximate: 10/power)")
+    return None
+
+
+class _TiatoolboxBackend:
+    """Adapter giving tiatoolbox's WSIReader the small OpenSlide surface the rest of `Slide` uses."""
+
+    def __init__(self, path: Path):
+        from tiatoolbox.wsicore.wsireader import WSIReader  # optional: only when already installed
+
+        self._reader = WSIReader.open(path)
+        info = self._reader.info
+        self.level_dimensions = [tuple(int(v) for v in d) for d in info.level_dimensions]
+        self.level_downsamples = [float(d) for d in info.level_downsamples]
+        self.level_count = len(self.level_dimensions)
+        self.dimensions = self.level_dimensions[0]
+        props: dict[str, str] = {"openslide.vendor": str(info.vendor or "")}
+        if info.mpp is not None:
+            props["openslide.mpp-x"], props["openslide.mpp-y"] = (str(float(v)) for v in info.mpp)
+        if info.objective_power:
+            props["openslide.objective-power"] = str(info.objective_power)
+        self.properties = props
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        return self._reader.read_rect(location, size, resolution=level, units="level")
+
+    def close(self) -> None:
+        self._reader = None
+
+
+def _open_backend(path: Path) -> tuple[Any, str]:
+    import openslide
+
+    errors: list[str] = []
+    try:
+        return openslide.OpenSlide(str(path)), "openslide"
+    except (openslide.OpenSlideError, OSError) as exc:  # OpenSlideUnsupportedFormatError is a subclass
+        errors.append(f"OpenSlide: {exc}")
+    try:
+        import tiatoolbox  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        try:
+            return _TiatoolboxBackend(path), "tiatoolbox"
+        except Exception as exc:  # any reader failure means "cannot open"
+            errors.append(f"tiatoolbox: {exc}")
+    try:
+        return openslide.ImageSlide(str(path)), "image"
+    except Exception as exc:  # PIL raises many types for non-images
+        errors.append(f"image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    raise SlideError(f"{path}: cannot open as a slide ({'; '.join(errors)}); is the file complete and a WSI?")
+
+
+def _tiff_mpp_from_pil(slide: Any) -> dict[str, str]:
+    """Plain-image TIFFs: expose their resolution tags the way OpenSlide names them."""
+    image = getattr(slide, "_image", None)
+    tags = getattr(image, "tag_v2", None)
+    if not tags or 282 not in tags or 296 not in tags:
+        return {}
+    unit = {2: "inch", 3: "centimeter"}.get(int(tags[296]))
+    return {"tiff.XResolution": str(float(tags[282])), "tiff.ResolutionUnit": unit} if unit else {}
+
+
+class Slide:
+    """An open whole-slide image. Coordinates passed in are level-0 pixels; sizes are at the read level.
+
+    >>> with Slide("a.svs", mpp=None) as s:
+    ...     patch = s.read_region((x, y), level=0, size=(256, 256))  # (256, 256, 3) uint8 RGB
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, mpp: float | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SlideError(f"{self.path}: no such file; check the path")
+        self._handle, self.backend = _open_backend(self.path)
+        props = dict(self._handle.properties)
+        if self.backend == "image":
+            props.update(_tiff_mpp_from_pil(self._handle))
+        self.properties: Mapping[str, str] = props
+        self._mpp_override = mpp
+        try:
+            self.level_dimensions: list[tuple[int, int]] = [tuple(d) for d in self._handle.level_dimensions]
+            self.level_downsamples: list[float] = [float(d) for d in self._handle.level_downsamples]
+        except Exception as exc:
+            raise SlideError(f"{self.path}: unreadable pyramid ({exc}); the file may be corrupt") from None
+
+    # ---------------------------------------------------------------- metadata
+    @property
+    def slide_id(self) -> str:
+        """File name without extension (CLAM/TRIDENT convention)."""
+        return self.path.stem
+
+    @property
+    def dimensions(self) -> tuple[Level0Px, Level0Px]:
+        w, h = self.level_dimensions[0]
+        return Level0Px(w), Level0Px(h)
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def vendor(self) -> str:
+        return self.properties.get("openslide.vendor") or self.backend
+
+    @property
+    def objective_power(self) -> float | None:
+        try:
+            return float(self.properties["openslide.objective-power"])
+        except (KeyError, ValueError):
+            return None
+
+    @property
+    def mpp_info(self) -> MppInfo | None:
+        """The slide's µm/px and where it came from, or None when nothing records it."""
+        if self._mpp_override is not None:
+            if not _MPP_RANGE[0] <= self._mpp_override <= _MPP_RANGE[1]:
+                raise SlideError(f"{self.path}: --mpp {self._mpp_override} is implausible (0.05–50 µm/px)")
+            return MppInfo(MPP(float(self._mpp_override)), "override")
+        return _mpp_from_properties(self.properties)
+
+    @property
+    def mpp(self) -> MPP:
+        info = self.mpp_info
+        if info is None:
+            raise SlideError(
+                f"{self.path}: the slide records no microns-per-pixel; pass --mpp (e.g. --mpp 0.25 for 40x, "
+                "0.5 for 20x) or an `mpp` column in the slide CSV"
+            )
+        return info.mpp
+
+    # ---------------------------------------------------------------- pixels
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[LevelPx, LevelPx] | tuple[int, int]
+    ) -> np.ndarray:
+        """RGB uint8 (h, w, 3); transparent/out-of-slide pixels composited on white."""
+        try:
+            region = self._handle.read_region((int(location[0]), int(location[1])), int(level),
+                                              (int(size[0]), int(size[1])))
+        except Exception as exc:
+            raise SlideError(f"{self.path}: read failed at {location} level {level} ({exc})") from None
+        return _to_rgb(np.asarray(region))
+
+    def best_level_for_downsample(self, downsample: float, tolerance: float = 0.02) -> int:
+        """The level with the largest downsample still ≤ `downsample` (2% tolerance): cheapest enough read."""
+        ok = [i for i, d in enumerate(self.level_downsamples) if d <= downsample * (1 + tolerance)]
+        return max(ok, key=lambda i: self.level_downsamples[i]) if ok else 0
+
+    def read_downsampled(self, downsample: float, *, stripe_pixels: int = 1 << 24) -> np.ndarray:
+        """The whole slide at `downsample` × level 0, from the best level, area-resized.
+
+        Reads in horizontal stripes, so a single-level 100k-px slide never sits in memory at full size.
+        """
+        import cv2
+
+        level = self.best_level_for_downsample(downsample)
+        level_ds = self.level_downsamples[level]
+        factor = max(downsample / level_ds, 1.0)
+        lw, lh = self.level_dimensions[level]
+        out_w, out_h = max(1, round(lw / factor)), max(1, round(lh / factor))
+        rows = max(1, int(stripe_pixels // (lw * factor)))
+        stripes = []
+        for r0 in range(0, out_h, rows):
+            r1 = min(out_h, r0 + rows)
+            y0, y1 = round(r0 * factor), min(lh, round(r1 * factor))
+            stripe = self.read_region((0, round(y0 * level_ds)), level, (lw, max(1, y1 - y0)))
+            stripes.append(cv2.resize(stripe, (out_w, r1 - r0), interpolation=cv2.INTER_AREA))
+        return np.concatenate(stripes, axis=0)
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """RGB thumbnail whose longer side is at most about `max_size` px."""
+        return self.read_downsampled(max(max(self.dimensions) / max_size, 1.0))
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        return f"Slide({str(self.path)!r}, {w}x{h}, levels={self.level_count})"
+
+
+def _to_rgb(array: np.ndarray) -> np.ndarray:
+    """Composite RGBA (OpenSlide returns un-premultiplied RGBA) on white; pass RGB through."""
+    if array.ndim == 3 and array.shape[2] == 4:
+        rgb = array[..., :3]
+        alpha = array[..., 3:4]
+        if alpha.min() == 255:
+            return np.ascontiguousarray(rgb)
+        a = alpha.astype(np.uint16)
+        return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    if array.ndim == 2:
+        return np.repeat(array[..., None], 3, axis=2)
+    return np.ascontiguousarray(array[..., :3])
+
+
+def is_slide_file(path: Path) -> bool:
+    return path.suffix.lower() in WSI_EXTENSIONS

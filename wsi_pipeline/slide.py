@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_pipeline.errors import UserError
 from wsi_pipeline.units import MPP, Level0Px, LevelPx
 
 WSI_EXTENSIONS = (
@@ -25,7 +26,7 @@ WSI_EXTENSIONS = (
 _MPP_RANGE = (0.05, 50.0)
 
 
-class SlideError(Exception):
+class SlideError(UserError):
     """A slide cannot be opened or used; the message is one line naming the file and the fix."""
 
 

@@ -1,0 +1,166 @@
+"""`wsip`: the command line. Parses, calls one stage function, renders the result. No logic lives here.
+
+Stage modules (and torch/timm behind them) are imported inside the commands, so `wsip --help`, `wsip info`
+and `wsip status` start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="wsip: whole-slide images in, slide-level predictions out.")
+console = Console(stderr=True)
+out_console = Console()
+
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Workspace folder (default $WSIP_OUT or ./wsip_out).")]
+ShardOpt = Annotated[str | None, typer.Option("--shard", help="Process part i of N: 'i/N' (or Slurm array vars).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even when a finished output matches.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (logs, CI).")]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One line, no traceback: the file and what to do are in `message`."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn errors a user can fix into one-line messages with exit code 2."""
+    from wsi_pipeline.errors import UserError
+
+    try:
+        yield
+    except (UserError, FileNotFoundError) as exc:
+        fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+
+
+@contextmanager
+def slide_progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[Any], None]]:
+    """An overall slides bar; yields the per-slide callback the stages call when a slide finishes."""
+    if quiet:
+        def log(outcome: Any) -> None:
+            console.print(f"{outcome.slide_id}: {outcome.status} {outcome.error}".rstrip(), highlight=False)
+        yield log
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(label, total=total)
+
+        def advance(outcome: Any) -> None:
+            if outcome.error:
+                progress.console.print(f"[red]{outcome.slide_id}[/]: {outcome.error}", highlight=False)
+            progress.advance(task)
+        yield advance
+
+
+def report_outcomes(outcomes: list[Any], out_dir: Path) -> None:
+    """Summary line per status; exit 1 when any slide failed (DESIGN §1)."""
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    console.print(f"{summary} → {out_dir}", highlight=False)
+    failed = [o for o in outcomes if o.status in ("failed", "no_tissue")]
+    if failed:
+        console.print(f"[red]{len(failed)} slide(s) failed[/]: " + ", ".join(o.slide_id for o in failed) +
+                      f" (reasons in {out_dir / 'manifest.csv'})", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def patch(
+    slides: Annotated[list[Path], typer.Argument(help="Slide files, folders, or a CSV with slide_path[,mpp].")],
+    out: OutOpt = None,
+    mag: Annotated[float, typer.Option("--mag", help="Target magnification (20 → 0.5 µm/px, 10 → 1.0).")] = 20.0,
+    patch_size: Annotated[int, typer.Option("--patch-size", help="Patch side in px at --mag.")] = 256,
+    overlap: Annotated[int, typer.Option("--overlap", help="Overlap in px at --mag.")] = 0,
+    min_tissue: Annotated[float, typer.Option("--min-tissue", help="Min tissue fraction per patch.")] = 0.25,
+    mpp: Annotated[float | None, typer.Option("--mpp", help="µm/px for slides that record none.")] = None,
+    allow_upsample: Annotated[bool, typer.Option("--allow-upsample", help="Allow --mag above the scan.")] = False,
+    masks: Annotated[Path | None, typer.Option("--masks", help="Folder of <slide_id>.geojson|.png masks.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Slides processed in parallel.")] = 1,
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Segment tissue and lay a patch grid at a physical magnification → coords h5 + QC images."""
+    from wsi_pipeline.stages import patch as patch_stage
+    from wsi_pipeline.stages.cohort import resolve_inputs
+
+    with user_errors():
+        sources = resolve_inputs(slides, mpp=mpp)
+        params = patch_stage.PatchParams(magnification=mag, patch_size=patch_size, overlap=overlap,
+                                         min_tissue=min_tissue, allow_upsample=allow_upsample, masks=masks)
+        with slide_progress(len(sources), "patching", quiet) as on_done:
+            result = patch_stage.patch(sources, params, out=out, workers=workers, shard=shard, force=force,
+                                       on_done=on_done)
+    report_outcomes(result.outcomes, result.out_dir)
+
+
+@app.command()
+def info(
+    slide: Annotated[Path, typer.Argument(help="A slide file.")],
+    mpp: Annotated[float | None, typer.Option("--mpp", help="Override the slide's µm/px.")] = None,
+) -> None:
+    """Levels, MPP (and where it came from), magnification and vendor of a slide."""
+    from wsi_pipeline.slide import Slide
+
+    with user_errors(), Slide(slide, mpp=mpp) as s:
+        mpp_info = s.mpp_info
+        table = Table(title=str(slide), show_header=False)
+        table.add_row("backend / vendor", f"{s.backend} / {s.vendor}")
+        table.add_row("dimensions (level 0)", f"{s.dimensions[0]} × {s.dimensions[1]} px")
+        table.add_row("MPP", f"{mpp_info.mpp:.4f} µm/px ({mpp_info.source})" if mpp_info else
+                      "[red]not recorded[/]: pass --mpp")
+        if mpp_info:
+            table.add_row("magnification", f"{10 / mpp_info.mpp:.1f}x")
+        table.add_row("objective power", str(s.objective_power or "not recorded"))
+        for i, ((w, h), ds) in enumerate(zip(s.level_dimensions, s.level_downsamples, strict=True)):
+            table.add_row(f"level {i}", f"{w} × {h} px, downsample {ds:.3f}")
+        out_console.print(table)
+
+
+@app.command()
+def status(out: OutOpt = None) -> None:
+    """What is done / failed per stage in the workspace."""
+    from wsi_pipeline.workspace import read_manifest, workspace_root
+
+    root = workspace_root(out)
+    manifests = sorted(root.glob("patches/*/manifest.csv")) + sorted(root.glob("features/*/*/manifest.csv"))
+    runs = sorted(root.glob("runs/*"))
+    if not manifests and not runs:
+        console.print(f"nothing in {root} yet: start with `wsip patch SLIDES...`")
+        return
+    table = Table(title=f"workspace {root}")
+    for col in ("stage output", "done", "failed", "no tissue", "failures (first 3)"):
+        table.add_column(col)
+    for manifest in manifests:
+        rows = read_manifest(manifest)
+        by = {s: [r for r in rows if r["status"] == s] for s in ("done", "failed", "no_tissue")}
+        first = ", ".join(r["slide_id"] for r in (by["failed"] + by["no_tissue"])[:3])
+        table.add_row(str(manifest.parent.relative_to(root)), str(len(by["done"])), str(len(by["failed"])),
+                      str(len(by["no_tissue"])), first)
+    for run in runs:
+        folds = sorted(run.glob("fold_*"))
+        done = sum((f / "metrics.json").exists() for f in folds)
+        table.add_row(str(run.relative_to(root)), f"{done} folds", "", "",
+                      "summary.csv" if (run / "summary.csv").exists() else "in progress")
+    out_console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

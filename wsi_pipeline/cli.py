@@ -6,6 +6,7 @@ and `wsip status` start in a fraction of a second.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +64,35 @@ def slide_progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[An
         yield advance
 
 
+@contextmanager
+def patch_progress(quiet: bool) -> Iterator[tuple[Callable[[Any], None], Callable[[str, int, int], None]]]:
+    """Slides done + a per-slide patches bar with patches/s (extraction is where time goes)."""
+    if quiet:
+        with slide_progress(0, "", True) as log:
+            yield log, lambda slide_id, done, total: None
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        slides = progress.add_task("slides", total=None, rate="")
+        current: dict[str, Any] = {}
+
+        def on_patches(slide_id: str, done: int, total: int) -> None:
+            if current.get("id") != slide_id:
+                if "task" in current:
+                    progress.remove_task(current["task"])
+                current.update(id=slide_id, task=progress.add_task(slide_id, total=total, rate=""),
+                               start=time.perf_counter())
+            rate = done / max(time.perf_counter() - current["start"], 1e-9)
+            progress.update(current["task"], completed=done, rate=f"{rate:6.1f} patches/s")
+
+        def on_done(outcome: Any) -> None:
+            if outcome.error:
+                progress.console.print(f"[red]{outcome.slide_id}[/]: {outcome.error}", highlight=False)
+            progress.advance(slides)
+        yield on_done, on_patches
+
+
 def report_outcomes(outcomes: list[Any], out_dir: Path) -> None:
     """Summary line per status; exit 1 when any slide failed (DESIGN §1)."""
     counts: dict[str, int] = {}
@@ -104,6 +134,33 @@ def patch(
         with slide_progress(len(sources), "patching", quiet) as on_done:
             result = patch_stage.patch(sources, params, out=out, workers=workers, shard=shard, force=force,
                                        on_done=on_done)
+    report_outcomes(result.outcomes, result.out_dir)
+
+
+@app.command()
+def extract(
+    encoder: Annotated[str, typer.Option("--encoder", help="resnet18 | vit_s16_ssl | timm:<name>.")] = "resnet18",
+    weights: Annotated[str, typer.Option("--weights", help="pretrained | random | PATH (state dict).")] = "pretrained",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Patches per forward pass.")] = 32,
+    workers: Annotated[int, typer.Option("--workers", help="Patch-reading processes (0: main process).")] = 1,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:i.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="auto | fp32 | fp16 | bf16.")] = "auto",
+    formats: Annotated[str, typer.Option("--format", help="h5, pt or h5,pt.")] = "h5,pt",
+    patches: Annotated[str | None, typer.Option("--patches", help="Patch config (e.g. 20x_256px_0px).")] = None,
+    out: OutOpt = None,
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Encode every patched slide → features/<patch config>/<encoder>/{h5_files,pt_files}."""
+    from wsi_pipeline.stages import extract as extract_stage
+
+    params = extract_stage.ExtractParams(
+        encoder=encoder, weights=weights, batch_size=batch_size, workers=workers, device=device,
+        precision=precision, formats=tuple(f.strip() for f in formats.split(",") if f.strip()), patches=patches)
+    with user_errors(), patch_progress(quiet) as (on_done, on_patches):
+        result = extract_stage.extract(params, out=out, shard=shard, force=force, on_done=on_done,
+                                       on_patches=on_patches)
     report_outcomes(result.outcomes, result.out_dir)
 
 

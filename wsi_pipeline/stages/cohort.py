@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline.errors import UserError
-from wsi_pipeline.slide import SlideError, is_slide_file
+from wsi_pipeline.slide import is_slide_file
 from wsi_pipeline.workspace import SlideLock, update_manifest
 
 # Outcomes a job reports; the last three count as failures in the exit code.
@@ -118,7 +118,7 @@ def _guarded(job: Job, item: Any, slide_id: str, lock_dir: Path, manifest: Path,
     start = time.perf_counter()
     try:
         outcome = job(item)
-    except (SlideError, OSError, ValueError, KeyError) as exc:
+    except (UserError, OSError, ValueError, KeyError) as exc:
         outcome = SlideOutcome(slide_id, FAILED, error=one_line(exc))
     except Exception as exc:  # an unexpected bug must not stop the cohort, but must be visible
         detail = traceback.format_exception_only(type(exc), exc)[-1].strip()

@@ -6,3 +6,7 @@ The CLI prints these as one line and exits 2 (usage/config) — never a tracebac
 
 class UserError(Exception):
     """An error whose message names the file and the fix."""
+
+
+class InputError(UserError, ValueError):
+    """Bad command input (missing path, duplicate slide ids, malformed CSV or flag): exit code 2."""

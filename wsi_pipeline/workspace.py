@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from wsi_pipeline.errors import InputError
+
 WORKSPACE_ENV = "WSIP_OUT"
 DEFAULT_WORKSPACE = "wsip_out"
 LOCK_STALE_ENV = "WSIP_LOCK_STALE_S"
@@ -214,14 +216,14 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
             i_str, n_str = spec.split("/")
             i, n = int(i_str), int(n_str)
         except ValueError:
-            raise ValueError(f"--shard must look like i/N (e.g. 0/4), got {spec!r}") from None
+            raise InputError(f"--shard must look like i/N (e.g. 0/4), got {spec!r}") from None
     elif "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
         i = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
         n = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
     else:
         return None
     if n < 1 or not 0 <= i < n:
-        raise ValueError(f"shard index must satisfy 0 <= i < N, got {i}/{n}")
+        raise InputError(f"--shard i/N needs 0 <= i < N, got {i}/{n}")
     return i, n
 
 

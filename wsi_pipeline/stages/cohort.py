@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsi_pipeline.errors import UserError
+from wsi_pipeline.errors import InputError, UserError
 from wsi_pipeline.slide import is_slide_file
 from wsi_pipeline.workspace import SlideLock, update_manifest
 
@@ -24,10 +24,6 @@ from wsi_pipeline.workspace import SlideLock, update_manifest
 DONE, CACHED, BUSY = "done", "cached", "busy"
 FAILED, NO_TISSUE = "failed", "no_tissue"
 FAILURES = (FAILED, NO_TISSUE)
-
-
-class InputError(UserError, ValueError):
-    """Bad command input (missing path, duplicate slide ids, malformed CSV): a usage error, exit code 2."""
 
 
 @dataclass(frozen=True)

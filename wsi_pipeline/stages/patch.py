@@ -17,6 +17,7 @@ import cv2
 import h5py
 import numpy as np
 
+from wsi_pipeline.errors import InputError
 from wsi_pipeline.slide import Slide, SlideError
 from wsi_pipeline.stages import cohort
 from wsi_pipeline.stages.cohort import SlideOutcome, SlideSource
@@ -243,9 +244,9 @@ def patch(
 ) -> PatchResult:
     """Patch a cohort into `<out>/patches/<config>/`; callable from Python exactly as `wsip patch`."""
     if not 0 <= params.overlap < params.patch_size:
-        raise cohort.InputError(f"--overlap must be in [0, patch size), got {params.overlap}")
+        raise InputError(f"--overlap must be in [0, patch size), got {params.overlap}")
     if not 0 <= params.min_tissue <= 1:
-        raise cohort.InputError(f"--min-tissue must be in [0, 1], got {params.min_tissue}")
+        raise InputError(f"--min-tissue must be in [0, 1], got {params.min_tissue}")
     out_dir = workspace_root(out) / "patches" / params.config_name()
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "params.json", {**asdict(params), "config": params.config_name()})

@@ -1,0 +1,96 @@
+"""Workspace rules: atomic writes, locks (incl. stale recovery), manifests, shards, hashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from wsi_pipeline.workspace import (
+    SlideLock,
+    atomic_write,
+    params_hash,
+    parse_shard,
+    read_manifest,
+    slide_fingerprint,
+    take_shard,
+    update_manifest,
+    workspace_root,
+)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("finished")
+    with pytest.raises(RuntimeError), atomic_write(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "finished" and list(tmp_path.iterdir()) == [target]
+    with atomic_write(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
+
+
+def test_lock_is_exclusive_and_released(tmp_path):
+    a, b = SlideLock(tmp_path / "s.lock"), SlideLock(tmp_path / "s.lock")
+    assert a.acquire() and not b.acquire()
+    a.release()
+    assert b.acquire()
+    b.release()
+    assert not (tmp_path / "s.lock").exists()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path = tmp_path / "s.lock"
+    path.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "time": 0}))
+    assert SlideLock(path).acquire()
+
+
+def test_live_lock_on_another_host_is_respected_until_it_ages(tmp_path, monkeypatch):
+    path = tmp_path / "s.lock"
+    path.write_text(json.dumps({"pid": 1, "host": "other-node", "time": 0}))
+    assert not SlideLock(path).acquire()
+    os.utime(path, (0, 0))  # not refreshed for decades
+    assert SlideLock(path).acquire()
+
+
+def test_manifest_upsert_keeps_one_row_per_slide(tmp_path):
+    path = tmp_path / "manifest.csv"
+    cols = ("slide_id", "status", "error")
+    update_manifest(path, {"slide_id": "b", "status": "failed", "error": "x, with comma"}, cols)
+    update_manifest(path, {"slide_id": "a", "status": "done"}, cols)
+    update_manifest(path, {"slide_id": "b", "status": "done"}, cols)
+    assert read_manifest(path) == [{"slide_id": "a", "status": "done", "error": ""},
+                                   {"slide_id": "b", "status": "done", "error": ""}]
+
+
+def test_shards_partition_and_slurm_variables(monkeypatch):
+    items = [f"s{i}" for i in range(10)]
+    parts = [take_shard(items, (i, 3)) for i in range(3)]
+    assert sorted(sum(parts, [])) == sorted(items) and all(parts)
+    assert parse_shard(None) is None
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    assert parse_shard(None) == (2, 4)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    assert parse_shard(None) == (1, 4)
+    assert parse_shard("3/4") == (3, 4)
+    for bad in ("4/4", "x", "1/0"):
+        with pytest.raises(ValueError):
+            parse_shard(bad)
+
+
+def test_hashes_and_fingerprints(tmp_path, monkeypatch):
+    assert params_hash({"a": 1, "b": 2}) == params_hash({"b": 2, "a": 1}) != params_hash({"a": 1, "b": 3})
+    f = tmp_path / "s.svs"
+    f.write_bytes(b"12345")
+    before = slide_fingerprint(f)
+    os.utime(f, ns=(1, 1))
+    assert slide_fingerprint(f) != before
+    monkeypatch.setenv("WSIP_OUT", str(tmp_path / "ws"))
+    assert workspace_root() == tmp_path / "ws" and workspace_root("x").name == "x"

@@ -1,0 +1,72 @@
+"""Patch-stage cost per slide, split by step, against its floor: reading the segmentation level alone.
+
+Run: `.venv/bin/python benchmarks/bench_patch.py` (first run writes a 40,000² px 40x slide, ~2 min, cached).
+Target: total ≤ 2× the floor.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from common import generated_slide, machine, shared_slides
+
+from wsi_pipeline.slide import Slide
+from wsi_pipeline.stages.cohort import SlideSource
+from wsi_pipeline.stages.patch import PatchParams, patch_slide, plan_read, tissue_grid, write_coords, write_qc
+from wsi_pipeline.stages.segment import segment_tissue
+
+
+def best_of(n: int, fn) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bench(path: Path, mpp: float | None, params: PatchParams, repeats: int = 3) -> dict[str, float]:
+    source = SlideSource(path, mpp)
+    with Slide(path, mpp=mpp) as slide:
+        downsample = max(params.segment.seg_mpp / slide.mpp, 1.0)
+        floor = best_of(repeats, lambda: slide.read_downsampled(downsample))
+        tissue = segment_tissue(slide, params.segment)
+        segment = best_of(repeats, lambda: segment_tissue(slide, params.segment)) - floor
+        plan = plan_read(slide, params)
+        grid = best_of(repeats, lambda: tissue_grid(tissue, plan, slide.dimensions, params.min_tissue))
+        coords = tissue_grid(tissue, plan, slide.dimensions, params.min_tissue)
+        tmp = Path(tempfile.mkdtemp())
+        write = best_of(repeats, lambda: (write_coords(tmp / "c.h5", coords, {"patch_size": 1}),
+                                          write_qc(tmp / "q.jpg", slide, tissue, coords, plan)))
+
+    def full() -> None:
+        out = Path(tempfile.mkdtemp())
+        patch_slide(source, params=params, out_dir=out)
+        shutil.rmtree(out)
+
+    total = best_of(repeats, full)
+    shutil.rmtree(tmp)
+    return {"read": floor, "segment": segment, "grid": grid, "write": write, "total": total,
+            "patches": len(coords)}
+
+
+def main() -> None:
+    params = PatchParams(magnification=20)
+    cases = [("generated 40,000² 40x (levels 1/4/16)", generated_slide((40000, 40000)), None)]
+    for name, mpp in (("CMU-1-Small-Region.svs", None), ("TCGA-CR-7395-01A-01-TS1.svs", 0.25)):
+        if (shared_slides() / name).exists():
+            cases.append((name, shared_slides() / name, mpp))
+    print(f"wsip patch at 20x, 256 px — {machine()}")
+    print(f"{'slide':40s} {'read':>7s} {'segment':>8s} {'grid':>7s} {'write':>7s} {'total':>7s} "
+          f"{'patches':>8s} {'patch/s':>9s} {'total/floor':>11s}")
+    for name, path, mpp in cases:
+        r = bench(path, mpp, params)
+        print(f"{name:40s} {r['read']:7.3f} {r['segment']:8.3f} {r['grid']:7.4f} {r['write']:7.3f} "
+              f"{r['total']:7.3f} {r['patches']:8d} {r['patches'] / r['total']:9.0f} {r['total'] / r['read']:11.2f}")
+
+
+if __name__ == "__main__":
+    main()

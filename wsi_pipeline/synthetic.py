@@ -79,9 +79,10 @@ def blob_mask(size: tuple[int, int], rng: np.random.Generator, *, fill: float = 
     h, w = size
     small = (max(8, h // 64), max(8, w // 64))
     noise = cv2.GaussianBlur(rng.random(small).astype(np.float32), (0, 0), 2.0)
+    noise = (noise - noise.mean()) / (noise.std() + 1e-6)
     yy, xx = np.mgrid[0:small[0], 0:small[1]]
     ellipse = 1 - (((yy - small[0] / 2) / (small[0] / 2)) ** 2 + ((xx - small[1] / 2) / (small[1] / 2)) ** 2)
-    field = noise * 0.6 + ellipse
+    field = noise * 0.35 + ellipse
     thresh = np.quantile(field, 1 - fill)
     big = cv2.resize(field, (w, h), interpolation=cv2.INTER_LINEAR)
     return big > thresh
@@ -97,29 +98,64 @@ def he_tissue(size: tuple[int, int], *, seed: int = 0, hotspots: int = 0, hotspo
     rng = np.random.default_rng(seed)
     h, w = size
     region = blob_mask((h, w), rng)
-    stain = rng.normal(0, 8, 3)  # per-slide stain shift
-    stroma = np.array([232, 160, 200]) + stain
+    stain = rng.normal(0, 8, 3).astype(np.float32)  # per-slide stain shift
     texture = cv2.GaussianBlur(rng.normal(0, 1, (h // 4 + 1, w // 4 + 1)).astype(np.float32), (0, 0), 1.5)
     texture = cv2.resize(texture, (w, h), interpolation=cv2.INTER_LINEAR)[..., None]
-    image = np.clip(stroma + texture * np.array([10, 16, 10]), 0, 255)
+    image = (np.array([232, 160, 200], np.float32) + stain) + texture * np.array([10, 16, 10], np.float32)
     nuclei = np.zeros((h, w), np.uint8)
     n = int(nuclei_per_mpx * h * w / 1e6)
-    for x, y in zip(rng.integers(0, w, n), rng.integers(0, h, n), strict=True):
-        cv2.ellipse(nuclei, (int(x), int(y)), (int(rng.integers(3, 6)), int(rng.integers(2, 5))),
-                    float(rng.uniform(0, 180)), 0, 360, 255, -1)
-    inside = np.argwhere(region)
-    centres = [tuple(int(v) for v in inside[i][::-1]) for i in rng.integers(0, len(inside), hotspots)] \
-        if hotspots and len(inside) else []
+    params = zip(rng.integers(0, w, n), rng.integers(0, h, n), rng.integers(3, 6, n), rng.integers(2, 5, n),
+                 rng.uniform(0, 180, n), strict=True)
+    for x, y, a, b, angle in params:
+        cv2.ellipse(nuclei, (int(x), int(y)), (int(a), int(b)), float(angle), 0, 360, 255, -1)
+    inside = np.flatnonzero(region[::8, ::8])
+    picks = rng.choice(inside, hotspots) if hotspots and len(inside) else []
+    centres = [(int(i % ((w + 7) // 8)) * 8, int(i // ((w + 7) // 8)) * 8) for i in picks]
     for cx, cy in centres:
-        for _ in range(int(hotspot_radius**2 / 40)):
-            r, a = hotspot_radius * np.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
-            cv2.ellipse(nuclei, (int(cx + r * np.cos(a)), int(cy + r * np.sin(a))),
-                        (int(rng.integers(6, 10)), int(rng.integers(5, 8))), float(rng.uniform(0, 180)),
-                        0, 360, 255, -1)
-    weight = cv2.GaussianBlur(nuclei, (0, 0), 1.0).astype(np.float32)[..., None] / 255
-    nucleus = np.array([95, 55, 150]) + stain
-    image = image * (1 - weight) + nucleus * weight
-    glass = np.array([243, 243, 243], np.float64)
-    image = np.where(region[..., None], image, glass)
-    image = cv2.GaussianBlur(image.astype(np.float32), (0, 0), 0.8)
+        m = int(hotspot_radius**2 / 40)
+        r, t = hotspot_radius * np.sqrt(rng.random(m)), rng.uniform(0, 2 * np.pi, m)
+        for x, y, a, b, angle in zip(cx + r * np.cos(t), cy + r * np.sin(t), rng.integers(6, 10, m),
+                                     rng.integers(5, 8, m), rng.uniform(0, 180, m), strict=True):
+            cv2.ellipse(nuclei, (int(x), int(y)), (int(a), int(b)), float(angle), 0, 360, 255, -1)
+    weight = cv2.GaussianBlur(nuclei, (0, 0), 1.0).astype(np.float32)[..., None] * np.float32(1 / 255)
+    image += (np.array([95, 55, 150], np.float32) + stain - image) * weight
+    image[~region] = 243.0  # glass
+    image = cv2.GaussianBlur(image, (0, 0), 0.8)
     return np.clip(image, 0, 255).astype(np.uint8), centres
+
+
+DEMO_CLASSES = ("normal", "tumour")
+
+
+def _demo_slide(args: tuple[Path, tuple[int, int], float, int, int]) -> Path:
+    path, size, mpp, seed, hotspots = args
+    image, _ = he_tissue(size, seed=seed, hotspots=hotspots)
+    return write_aperio_slide(path, image, mpp=mpp, app_mag=round(10 / mpp), downsamples=(4, 16))
+
+
+def make_demo_cohort(folder: str | os.PathLike[str], *, n_slides: int = 16, size: tuple[int, int] = (4096, 6144),
+                     mpp: float = 0.5, hotspots: int = 5, seed: int = 0, workers: int = 2) -> Path:
+    """A labelled cohort of procedural H&E slides + `labels.csv` (slide_id,label,case_id); deterministic.
+
+    Every other slide is `tumour`: it differs from `normal` only in `hotspots` small clusters of dense,
+    enlarged nuclei (a few % of the tissue) — a MIL problem, not a global colour shift. Slides 0 & 2 and
+    1 & 3 share a patient (case_id), so patient-level splitting matters. A held-out `tumour` slide,
+    `holdout.svs`, is written beside the cohort (not in labels.csv) for `wsip predict`.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, jobs = [], []
+    for i in range(n_slides):
+        label = DEMO_CLASSES[i % 2]
+        case = f"P{i % 2:02d}" if i < 4 else f"P{i:02d}"
+        rows.append(f"demo_{i:02d},{label},{case}")
+        jobs.append((folder / f"demo_{i:02d}.svs", size, mpp, seed * 1000 + i, hotspots if label == "tumour" else 0))
+    jobs.append((folder.parent / "holdout.svs", size, mpp, seed * 1000 + 999, hotspots))
+    todo = [job for job in jobs if not job[0].exists()]
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(_demo_slide, todo))
+    labels = folder.parent / "labels.csv"
+    labels.write_text("slide_id,label,case_id\n" + "\n".join(rows) + "\n")
+    return labels

@@ -68,10 +68,35 @@ def test_tiatoolbox_backend_when_installed(monkeypatch):
     pytest.importorskip("tiatoolbox", reason="tiatoolbox is not installed (optional; see README)")
     import openslide
 
+    from wsi_pipeline import slide as slide_module
+
     def refuse(*args, **kwargs):
         raise openslide.OpenSlideUnsupportedFormatError("refused for this test")
 
-    monkeypatch.setattr(openslide, "OpenSlide", refuse)
+    # refuse only our own OpenSlide attempt: tiatoolbox's reader itself opens .svs through openslide.OpenSlide
+    monkeypatch.setattr(slide_module, "_openslide_open", refuse)
     with Slide(sample_slide("CMU-1-Small-Region.svs")) as slide:
         assert slide.backend == "tiatoolbox" and slide.mpp == pytest.approx(0.499, rel=1e-3)
+        assert slide.vendor == "aperio" and slide.objective_power == 20
         assert slide.read_region((0, 0), 0, (32, 32)).shape == (32, 32, 3)
+        w, h = slide.dimensions
+        assert (slide.read_region((w - 8, h - 8), 0, (16, 16))[8:, 8:] == 255).all()
+
+
+def test_tiatoolbox_reads_a_tiff_openslide_refuses(tmp_path):
+    pytest.importorskip("tiatoolbox", reason="tiatoolbox is not installed (optional; see README)")
+    tifffile = pytest.importorskip("tifffile")
+    pytest.importorskip("imagecodecs")
+    rng = np.random.default_rng(0)
+    levels = [rng.integers(0, 255, (512 // 2**i, 512 // 2**i, 3), dtype=np.uint8) for i in range(2)]
+    path = tmp_path / "webp.tif"  # WebP tiles: valid tiled TIFF, unsupported compression for OpenSlide
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:  # tiatoolbox reads multi-page TIFFs only as BigTIFF/OME/SVS
+        for i, level in enumerate(levels):
+            tif.write(level, tile=(256, 256), compression="webp", compressionargs={"level": 100, "lossless": True},
+                      photometric="rgb", subfiletype=int(i > 0),
+                      resolution=(1e4 / (0.5 * 2**i),) * 2, resolutionunit="CENTIMETER")
+    with Slide(path) as slide:
+        assert slide.backend == "tiatoolbox" and slide.level_downsamples == [1.0, 2.0]
+        assert slide.mpp == pytest.approx(0.5)
+        # location is level-0 px at every level, as with OpenSlide
+        assert (slide.read_region((200, 100), 1, (32, 32)) == levels[1][50:82, 100:132]).all()

@@ -65,19 +65,41 @@ def _mpp_from_properties(props: Mapping[str, str]) -> MppInfo | None:
     return None
 
 
+def _import_tiatoolbox_reader() -> tuple[Any, Any]:
+    """tiatoolbox's `import` calls logging.captureWarnings(True) and, when the root logger has no handler, gives it
+    INFO-level stdout/stderr handlers: a placeholder handler stops the latter, and the former is undone, so an
+    optional fallback neither rewires the app's logging nor prints to stdout."""
+    import logging
+    import warnings
+
+    root, placeholder, showwarning = logging.getLogger(), logging.NullHandler(), warnings.showwarning
+    root.addHandler(placeholder)
+    try:
+        from tiatoolbox.wsicore.wsireader import VirtualWSIReader, WSIReader
+    finally:
+        root.removeHandler(placeholder)
+        if warnings.showwarning is not showwarning:
+            logging.captureWarnings(False)
+    return WSIReader, VirtualWSIReader
+
+
 class _TiatoolboxBackend:
     """Adapter giving tiatoolbox's WSIReader the small OpenSlide surface the rest of `Slide` uses."""
 
     def __init__(self, path: Path):
-        from tiatoolbox.wsicore.wsireader import WSIReader  # optional: only when already installed
+        WSIReader, VirtualWSIReader = _import_tiatoolbox_reader()  # noqa: N806 (optional: only when installed)
 
-        self._reader = WSIReader.open(path)
-        info = self._reader.info
+        reader = WSIReader.open(path)
+        if isinstance(reader, VirtualWSIReader):  # a plain image loaded whole: the "image" backend reads it better
+            raise ValueError("not a tiled slide")
+        self._reader = reader
+        info = reader.info
         self.level_dimensions = [tuple(int(v) for v in d) for d in info.level_dimensions]
         self.level_downsamples = [float(d) for d in info.level_downsamples]
         self.level_count = len(self.level_dimensions)
         self.dimensions = self.level_dimensions[0]
-        props: dict[str, str] = {"openslide.vendor": str(info.vendor or "")}
+        vendor = "" if info.vendor in (None, "None") else str(info.vendor)  # WSIMeta stores str(None)
+        props: dict[str, str] = {"openslide.vendor": vendor}
         if info.mpp is not None:
             props["openslide.mpp-x"], props["openslide.mpp-y"] = (str(float(v)) for v in info.mpp)
         if info.objective_power:
@@ -85,25 +107,31 @@ class _TiatoolboxBackend:
         self.properties = props
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        return self._reader.read_rect(location, size, resolution=level, units="level")
+        # location is level-0 (baseline) px, as in OpenSlide; pad outside the slide with white, not black
+        return self._reader.read_rect(location, size, resolution=level, units="level", pad_constant_values=255)
 
     def close(self) -> None:
         self._reader = None
 
 
+def _openslide_open(path: Path) -> Any:
+    """The OpenSlide attempt on its own, so a test can refuse it without also refusing tiatoolbox's OpenSlide."""
+    import openslide
+
+    return openslide.OpenSlide(str(path))
+
+
 def _open_backend(path: Path) -> tuple[Any, str]:
+    import importlib.util
+
     import openslide
 
     errors: list[str] = []
     try:
-        return openslide.OpenSlide(str(path)), "openslide"
+        return _openslide_open(path), "openslide"
     except (openslide.OpenSlideError, OSError) as exc:  # OpenSlideUnsupportedFormatError is a subclass
         errors.append(f"OpenSlide: {exc}")
-    try:
-        import tiatoolbox  # noqa: F401
-    except ImportError:
-        pass
-    else:
+    if importlib.util.find_spec("tiatoolbox") is not None:  # probe without importing (its import has side effects)
         try:
             return _TiatoolboxBackend(path), "tiatoolbox"
         except Exception as exc:  # any reader failure means "cannot open"

@@ -165,6 +165,77 @@ def extract(
 
 
 @app.command()
+def train(
+    cfg: Annotated[Path, typer.Option("--cfg", help="Training config YAML (see examples/esca.yaml).")],
+    out: OutOpt = None,
+    device: Annotated[str | None, typer.Option("--device", help="Override the config: auto | cpu | cuda[:i].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Delete this run's folder and start over.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Patient-level k-fold training of GMMamba (or a baseline); resumes where it stopped."""
+    from wsi_pipeline.stages import train as train_stage
+
+    params = train_stage.TrainParams(config=cfg, out=out, device=device, force=force)
+    with user_errors():
+        if quiet:
+            result = train_stage.train(params)
+        else:
+            columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+            with Progress(*columns, console=console) as progress:
+                result = train_stage.train(params, progress=progress)
+    table = Table(title=f"{result.run_dir.name}: test metrics per fold (selected epoch)")
+    metrics = list(result.summary)
+    for col in ("fold", *metrics):
+        table.add_column(col, justify="right")
+    for fold in result.folds:
+        test = fold.metrics.get("test") or {}
+        table.add_row(str(fold.fold), *(_fmt(test.get(m)) for m in metrics))
+    table.add_row("[bold]mean ± std", *(f"{m:.3f} ± {s:.3f}" for m, s in result.summary.values()))
+    out_console.print(table)
+    console.print(f"run → {result.run_dir} (report.md, summary.csv)", highlight=False)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+@app.command()
+def predict(
+    slides: Annotated[list[Path], typer.Argument(help="Slide files, folders, or a CSV with slide_path[,mpp].")],
+    run: Annotated[Path | None, typer.Option("--run", help="A runs/<name> folder (default: newest).")] = None,
+    fold: Annotated[int | None, typer.Option("--fold", help="Use one fold's model instead of all.")] = None,
+    mpp: Annotated[float | None, typer.Option("--mpp", help="µm/px for slides that record none.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:i.")] = "auto",
+    heatmap: Annotated[bool, typer.Option("--heatmap/--no-heatmap", help="Write an attention heatmap PNG.")] = True,
+    out: OutOpt = None,
+) -> None:
+    """Predict new slides end to end with a trained run (patches and features are cached)."""
+    from wsi_pipeline.stages import predict as predict_stage
+    from wsi_pipeline.stages.cohort import resolve_inputs
+
+    with user_errors():
+        sources = resolve_inputs(slides, mpp=mpp)
+        params = predict_stage.PredictParams(run=run, fold=fold, device=device, heatmap=heatmap)
+        with console.status("patching, extracting and predicting…"):
+            result = predict_stage.predict(sources, params, out=out)
+    table = Table(title=f"predictions ({result.run_dir.name})")
+    for col in ("slide", *result.classes, "predicted"):
+        table.add_column(col)
+    for p in result.predictions:
+        if p.status == "done":
+            table.add_row(p.slide_id, *(f"{p.probabilities[c]:.3f}" for c in result.classes), p.predicted)
+        else:
+            table.add_row(p.slide_id, *("–" for _ in result.classes), f"[red]failed: {p.error}")
+    out_console.print(table)
+    for p in result.predictions:
+        if p.status == "done":
+            console.print(f"{p.slide_id}: {p.json_path}, heatmap {p.heatmap_path}, QC {p.qc_path}", highlight=False)
+    if any(p.status != "done" for p in result.predictions):
+        raise typer.Exit(1)
+
+
+@app.command()
 def info(
     slide: Annotated[Path, typer.Argument(help="A slide file.")],
     mpp: Annotated[float | None, typer.Option("--mpp", help="Override the slide's µm/px.")] = None,

@@ -52,6 +52,15 @@ class PatchParams:
     segment: SegmentParams = field(default_factory=SegmentParams)
     masks: Path | None = None  # folder of <slide_id>.geojson / <slide_id>.png user masks
 
+    @classmethod
+    def from_dict(cls, data: dict) -> PatchParams:
+        """Rebuild from a `params.json` (what `wsip predict` does to patch a new slide like the cohort)."""
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in data.items() if k in known}
+        values["segment"] = SegmentParams(**values.get("segment", {}))
+        values["masks"] = Path(values["masks"]) if values.get("masks") else None
+        return cls(**values)
+
     def config_name(self) -> str:
         """`20x_256px_0px`; a short hash suffix when any other knob differs from its default."""
         base = f"{self.magnification:g}x_{self.patch_size}px_{self.overlap}px"

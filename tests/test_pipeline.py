@@ -1,0 +1,81 @@
+"""End to end on a generated cohort (issue #5): patch → extract → train → predict, through the stage functions."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from wsi_pipeline.metrics import classification_metrics
+from wsi_pipeline.stages.cohort import SlideSource, resolve_inputs
+from wsi_pipeline.stages.extract import ExtractParams, extract
+from wsi_pipeline.stages.patch import patch
+from wsi_pipeline.stages.predict import PredictParams, predict
+from wsi_pipeline.stages.train import TrainParams, train
+from wsi_pipeline.synthetic import make_demo_cohort
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """12 slides in two classes (4 sharing patients), patched, encoded (random weights), trained 3-fold."""
+    root = tmp_path_factory.mktemp("e2e")
+    labels = make_demo_cohort(root / "slides", n_slides=12, size=(1536, 2048), hotspots=3, seed=5)
+    assert all(o.status == "done" for o in patch(resolve_inputs([root / "slides"]), out=root / "ws").outcomes)
+    features = extract(ExtractParams(weights="random", formats=("h5",)), out=root / "ws")
+    assert all(o.status == "done" for o in features.outcomes)
+    config = {"name": "e2e", "data": {"features": str(features.out_dir), "labels": str(labels)},
+              "splits": {"folds": 3, "val_fraction": 0.25, "seed": 42}, "model": {"name": "gmmamba"},
+              "optim": {"epochs": 3, "select_after": 0, "patience": 2, "min_epochs": 1},
+              "seed": 1, "device": "cpu", "out": str(root / "ws")}
+    cfg = root / "e2e.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    return root, train(TrainParams(config=cfg)), labels
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_summary_metrics_match_preds_and_patients_never_straddle_partitions(trained):
+    root, result, labels = trained
+    run = result.run_dir
+    assert (run / "summary.csv").exists() and (run / "report.md").exists()
+    cases = {r["slide_id"]: r["case_id"] for r in read_csv(labels)}
+    splits = read_csv(run / "splits.csv")
+    for fold in {r["fold"] for r in splits}:
+        owner: dict[str, str] = {}
+        for r in (r for r in splits if r["fold"] == fold):
+            assert owner.setdefault(cases[r["slide_id"]], r["split"]) == r["split"]
+    for fold in result.folds:
+        test = fold.metrics["test"]
+        for key in ("accuracy", "auc", "f1", "balanced_accuracy"):
+            assert np.isnan(test[key]) or 0 <= test[key] <= 1
+        preds = read_csv(run / f"fold_{fold.fold}" / "preds.csv")
+        y = [result.classes.index(r["label"]) for r in preds]
+        probs = np.array([[float(r[f"prob_{c}"]) for c in result.classes] for r in preds])
+        recomputed = classification_metrics(y, probs)
+        assert recomputed["accuracy"] == pytest.approx(test["accuracy"])
+        assert recomputed["f1"] == pytest.approx(test["f1"])
+        assert np.isnan(test["auc"]) and np.isnan(recomputed["auc"]) or recomputed["auc"] == pytest.approx(test["auc"])
+
+
+def test_predict_new_slide_twice_reuses_cache(trained):
+    root, result, _ = trained
+    holdout = SlideSource(root / "holdout.svs")
+    params = PredictParams(run=result.run_dir)
+    first = predict([holdout], params, out=root / "ws").predictions[0]
+    assert first.status == "done", first.error
+    coords = root / "ws/patches/20x_256px_0px/coords/holdout.h5"
+    feats = next((root / "ws/features").glob("*/*/h5_files/holdout.h5"))
+    stamps = (coords.stat().st_mtime_ns, feats.stat().st_mtime_ns)
+    second = predict([holdout], params, out=root / "ws").predictions[0]
+    assert (coords.stat().st_mtime_ns, feats.stat().st_mtime_ns) == stamps  # nothing recomputed
+    assert sum(first.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+    assert first.probabilities == second.probabilities
+    record = json.loads(first.json_path.read_text())
+    assert record["probabilities"] == first.probabilities and len(record["folds"]) == 3
+    assert first.heatmap_path.stat().st_size > 1000 and first.qc_path.exists()

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
+from wsi_pipeline.feature_store import read_bag
 from wsi_pipeline.workspace import atomic_write, slide_fingerprint
 
 GroupFn = Callable[[np.ndarray, np.ndarray], "list[np.ndarray] | None"]
@@ -33,17 +33,11 @@ class Bag:
     groups: list[np.ndarray] | None  # instance indices per group, or None for models without groups
 
 
-def read_h5(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(features float32 (N, D), coords int64 (N, 2)) of one slide."""
-    with h5py.File(path, "r") as f:
-        return np.asarray(f["features"][:], dtype=np.float32), np.asarray(f["coords"][:], dtype=np.int64)
-
-
 def load_bags(h5_paths: dict[str, Path], *, make_groups: GroupFn, cache_dir: Path | None) -> dict[str, Bag]:
     """Read every slide once, with its groups (see `slide_groups`); `cache_dir` None: no disk cache."""
     bags = {}
     for slide_id, path in h5_paths.items():
-        features, coords = read_h5(path)
+        features, coords = read_bag(path)
         cache_path = None if cache_dir is None else cache_dir / f"{slide_id}.npz"
         groups = slide_groups(path, features, coords, make_groups=make_groups, cache_path=cache_path)
         bags[slide_id] = Bag(slide_id, torch.from_numpy(features), torch.from_numpy(coords), groups)

@@ -2,7 +2,7 @@
 
 One optimiser step per bag (GMMamba's protocol). Each (model, N) is timed on a few bags after a warm-up
 step and scaled to 100 bags; K-Means grouping is excluded (cached per slide by the trainer).
-Run: `.venv/bin python benchmarks/bench_train.py [--device cuda] [--bags 4] [--sizes 2000,8000]`.
+Run: `.venv/bin/python benchmarks/bench_train.py [--device cuda] [--bags 4] [--sizes 2000,8000]`.
 """
 
 from __future__ import annotations

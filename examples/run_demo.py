@@ -4,7 +4,7 @@
 2. `wsip patch` → `wsip extract --encoder resnet18` (pretrained weights when they can be had, else
    `--weights random`, said plainly) → `wsip train --cfg` (GMMamba, small budget) → `wsip predict`.
 
-`--small` runs a 6-slide, 2-fold, 3-epoch version (the test suite runs it so the demo cannot rot).
+`--small` runs a 10-slide, 2-fold, 3-epoch version (the test suite runs it so the demo cannot rot).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     out = Path(args.out).resolve()
-    n, size = (6, (2048, 3072)) if args.small else (16, (4096, 6144))
+    n, size = (10, (2048, 3072)) if args.small else (16, (4096, 6144))
     print(f"generating {n} demo slides + 1 held-out slide in {out / 'slides'} …", flush=True)
     make_demo_cohort(out / "slides", n_slides=n, size=size, hotspots=3 if args.small else 5,
                      workers=os.cpu_count() or 1)
@@ -60,7 +60,7 @@ def main() -> None:
     config["data"]["features"] = str(out / "features" / "20x_256px_0px" / feature_set)
     config["data"]["labels"] = str(out / "labels.csv")
     if args.small:
-        config["splits"]["folds"] = 2
+        config["splits"].update(folds=2, val_fraction=0.5)  # 8 patients: 2 test, 1 val, 1 train per class
         config["optim"].update(epochs=3, select_after=0, min_epochs=1)
     config["out"] = str(out)
     cfg_path = out / "demo.yaml"

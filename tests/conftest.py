@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from wsi_pipeline.synthetic import he_tissue, tile_tissue, write_aperio_slide
 
@@ -55,3 +57,12 @@ def make_slide(tmp_path_factory, tissue_source):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Models' tiny per-group ops: on a shared 2-core box extra torch (OpenMP) threads only spin and contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,7 +14,6 @@ some seeds take long to shed; with torch seed 0 it learns in the first epoch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -35,13 +34,7 @@ class Bag(NamedTuple):
     n_shifted: int
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny per-group ops on a shared 2-core box: extra torch threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _make_bag(rng: np.random.Generator, direction: np.ndarray, positive: bool) -> Bag:

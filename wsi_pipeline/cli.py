@@ -74,10 +74,15 @@ def patch_progress(quiet: bool) -> Iterator[tuple[Callable[[Any], None], Callabl
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
-        slides = progress.add_task("slides", total=None, rate="")
         current: dict[str, Any] = {}
 
+        def slides() -> Any:  # created on the first event, so an early error prints no empty bar
+            if "slides" not in current:
+                current["slides"] = progress.add_task("slides", total=None, rate="")
+            return current["slides"]
+
         def on_patches(slide_id: str, done: int, total: int) -> None:
+            slides()
             if current.get("id") != slide_id:
                 if "task" in current:
                     progress.remove_task(current["task"])
@@ -89,7 +94,7 @@ def patch_progress(quiet: bool) -> Iterator[tuple[Callable[[Any], None], Callabl
         def on_done(outcome: Any) -> None:
             if outcome.error:
                 progress.console.print(f"[red]{outcome.slide_id}[/]: {outcome.error}", highlight=False)
-            progress.advance(slides)
+            progress.advance(slides())
         yield on_done, on_patches
 
 

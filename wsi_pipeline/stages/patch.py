@@ -164,13 +164,22 @@ def coords_are_current(path: Path, key: str, fingerprint: str) -> bool:
         return False
 
 
-def write_qc(path: Path, slide: Slide, tissue: TissueMask, coords: np.ndarray, plan: ReadPlan) -> None:
+def qc_read(slide: Slide, seg_mpp: float) -> np.ndarray | None:
+    """A sharper whole-slide read for QC (~1024 px) when the segmentation image would be smaller than that.
+
+    Only small slides get one; segmentation then reuses it, so every slide is still read once.
+    """
+    qc_ds = max(max(slide.dimensions) / 1024, 1.0)
+    return slide.read_downsampled(qc_ds) if qc_ds < seg_mpp / slide.mpp else None
+
+
+def write_qc(path: Path, slide: Slide, tissue: TissueMask, coords: np.ndarray, plan: ReadPlan,
+             background: np.ndarray | None = None) -> None:
     """Thumbnail + tissue contours (green), holes (blue) and kept patch boxes (yellow).
 
-    Drawn on the segmentation image, or on a sharper read when that is under 1024 px (small slides: cheap).
+    Drawn on `background` (a sharper read, see `qc_read`) when given, else on the segmentation image.
     """
-    qc_ds = min(tissue.downsample, max(max(slide.dimensions) / 1024, 1.0))
-    image = tissue.image if qc_ds >= tissue.downsample else slide.read_downsampled(qc_ds)
+    image = tissue.image if background is None else background
     ds = slide.dimensions[0] / image.shape[1]
     image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     for polygons, colour, width in ((tissue.contours, (0, 160, 0), 2), (tissue.holes, (200, 80, 0), 1)):
@@ -212,13 +221,14 @@ def patch_slide(source: SlideSource, *, params: PatchParams, out_dir: Path, forc
         plan = plan_read(slide, params)
         t = time.perf_counter()
         mask_path = _user_mask(params.masks, source.slide_id)
-        tissue = segment_tissue(slide, params.segment, user_mask=mask_path)
+        sharper = qc_read(slide, params.segment.seg_mpp)
+        tissue = segment_tissue(slide, params.segment, user_mask=mask_path, sharper=sharper)
         timings["segment_s"] = time.perf_counter() - t
         t = time.perf_counter()
         coords = tissue_grid(tissue, plan, slide.dimensions, params.min_tissue)
         timings["grid_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        write_qc(out_dir / "qc" / f"{source.slide_id}.jpg", slide, tissue, coords, plan)
+        write_qc(out_dir / "qc" / f"{source.slide_id}.jpg", slide, tissue, coords, plan, sharper)
         row = {"slide_path": str(source.path), "n_patches": len(coords), "mpp": f"{plan.slide_mpp:.4f}",
                "mpp_source": plan.mpp_source, "read_level": plan.read_level, "read_size": plan.read_size}
         if len(coords) == 0:

@@ -130,12 +130,21 @@ def _geojson_rings(data: object) -> list[tuple[list, bool]]:
     return rings
 
 
-def segment_tissue(slide: Slide, params: SegmentParams = SegmentParams(), *,
-                   user_mask: Path | None = None) -> TissueMask:
-    """Segment tissue on a low-resolution read of the slide (the read dominates the cost)."""
+def segment_tissue(slide: Slide, params: SegmentParams = SegmentParams(), *, user_mask: Path | None = None,
+                   sharper: np.ndarray | None = None) -> TissueMask:
+    """Segment tissue on a low-resolution read of the slide (the read dominates the cost).
+
+    `sharper`: the whole slide already read at a finer scale (the caller's QC image); it is area-resized
+    instead of reading the slide a second time.
+    """
     mpp = slide.mpp
     downsample = max(params.seg_mpp / mpp, 1.0)
-    image = slide.read_downsampled(downsample)
+    if sharper is None:
+        image = slide.read_downsampled(downsample)
+    else:
+        w, h = slide.dimensions
+        size = (max(1, round(w / downsample)), max(1, round(h / downsample)))
+        image = cv2.resize(sharper, size, interpolation=cv2.INTER_AREA)
     # the real scale of the image we got (rounding of its size)
     downsample = slide.dimensions[0] / image.shape[1]
     px_um = downsample * mpp

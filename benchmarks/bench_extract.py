@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from common import generated_slide, machine
 
+from wsi_pipeline.device import resolve_device
 from wsi_pipeline.models.encoders import create_encoder
 from wsi_pipeline.stages.cohort import SlideSource
-from wsi_pipeline.stages.extract import ExtractParams, extract, resolve_device
+from wsi_pipeline.stages.extract import ExtractParams, extract
 from wsi_pipeline.stages.patch import PatchParams, patch
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from wsi_pipeline.device import resolve_device
 from wsi_pipeline.errors import UserError
 from wsi_pipeline.feature_store import PartialFeatures, features_are_current, write_features
 from wsi_pipeline.models.encoders import Encoder, create_encoder
@@ -88,14 +89,6 @@ def resize_patch(rgb: np.ndarray, size: int) -> np.ndarray:
     if rgb.shape[0] == size and rgb.shape[1] == size:
         return np.ascontiguousarray(rgb)
     return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available here; use --device cpu (or auto)")
-    return torch.device(device)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from wsi_pipeline.device import resolve_device
 from wsi_pipeline.errors import UserError
 from wsi_pipeline.feature_store import feature_attrs, read_bag
 from wsi_pipeline.heatmap import render_heatmap
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.stages.cohort import SlideSource, one_line
-from wsi_pipeline.stages.extract import ExtractParams, extract, resolve_device
+from wsi_pipeline.stages.extract import ExtractParams, extract
 from wsi_pipeline.stages.patch import PatchParams, patch
 from wsi_pipeline.trainer import ModelSpec
 from wsi_pipeline.workspace import workspace_root, write_json_atomic

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
 import yaml
 
 from wsi_pipeline.bags import Bag, load_bags
@@ -36,6 +35,7 @@ from wsi_pipeline.config import (
     load_config,
 )
 from wsi_pipeline.dataset import Cohort, load_cohort
+from wsi_pipeline.device import resolve_device
 from wsi_pipeline.metrics import summarize
 from wsi_pipeline.report import write_report, write_summary_csv
 from wsi_pipeline.splits import Splits, make_splits, parse_splits_csv, read_splits, write_splits
@@ -83,7 +83,7 @@ class TrainResult:
 def train(params: TrainParams, *, progress: ProgressLike | None = None) -> TrainResult:
     """Cross-validate the configured model; resumable (see module docstring)."""
     cfg = resolve_config(params)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, error=ConfigError)
     cohort = load_cohort(cfg)
     splits = cohort_splits(cfg, cohort)
     run_dir = cfg.run_dir
@@ -151,15 +151,6 @@ def resolve_config(params: TrainParams) -> TrainConfig:
     if not overrides:
         return cfg
     return config_from_dict({**config_to_dict(cfg), **overrides}, source=cfg.source)
-
-
-def resolve_device(spec: str) -> torch.device:
-    """`auto` is cuda when available, else cpu; an unavailable cuda is a config error, not a crash."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{spec}' requested but torch sees no CUDA GPU (use device: auto or cpu)")
-    return torch.device(spec)
 
 
 def cohort_splits(cfg: TrainConfig, cohort: Cohort) -> Splits:

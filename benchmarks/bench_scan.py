@@ -24,21 +24,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from test_scan import reference_scan  # noqa: E402  (the tests' sequential S6 recurrence: one reference)
+
 IMPLS = ("ours", "sequential", "mambapy")
 SEQUENTIAL_BUDGET_S = 60.0  # the sequential loop is skipped where its estimate exceeds this
-
-
-def sequential_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The recurrence one step at a time under autograd (every state is kept for the backward)."""
-    dt = delta if delta_bias is None else delta + delta_bias[:, None]
-    dt = F.softplus(dt) if delta_softplus else dt
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    ys = []
-    for t in range(u.shape[-1]):
-        h = torch.exp(dt[..., t, None] * A) * h + (dt[..., t] * u[..., t])[..., None] * B[:, None, :, t]
-        ys.append((h * C[:, None, :, t]).sum(-1))
-    y = torch.stack(ys, dim=-1) + D[:, None] * u
-    return y * F.silu(z)
 
 
 def mambapy_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -73,7 +63,7 @@ def worker(impl: str, length: int, mem_limit_gb: float) -> dict:
     from wsi_pipeline.models import bimamba
 
     if impl != "ours":
-        bimamba.selective_scan = sequential_scan if impl == "sequential" else mambapy_scan
+        bimamba.selective_scan = reference_scan if impl == "sequential" else mambapy_scan
     torch.manual_seed(0)
     block = bimamba.BiMamba(512)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from wsi_pipeline.errors import UserError
 from wsi_pipeline.metrics import classification_metrics
 from wsi_pipeline.stages.cohort import SlideSource, resolve_inputs
 from wsi_pipeline.stages.extract import ExtractParams, extract
@@ -79,3 +80,15 @@ def test_predict_new_slide_twice_reuses_cache(trained):
     record = json.loads(first.json_path.read_text())
     assert record["probabilities"] == first.probabilities and len(record["folds"]) == 3
     assert first.heatmap_path.stat().st_size > 1000 and first.qc_path.exists()
+
+
+def test_predict_errors_are_one_clear_line(trained, tmp_path):
+    root, result, _ = trained
+    bad = tmp_path / "broken.svs"
+    bad.write_text("not a slide")
+    outcome = predict([SlideSource(bad)], PredictParams(run=result.run_dir), out=root / "ws").predictions[0]
+    assert outcome.status == "failed" and "broken.svs" in outcome.error and "\n" not in outcome.error
+    empty_run = root / "ws/runs/unfinished"
+    (empty_run / "fold_0").mkdir(parents=True)
+    with pytest.raises(UserError, match="incomplete run"):
+        predict([SlideSource(root / "holdout.svs")], PredictParams(run=empty_run), out=root / "ws")

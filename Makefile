@@ -21,6 +21,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check wsi_pipeline tests benchmarks examples
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

@@ -128,12 +128,17 @@ def test_resume_cache_and_new_config_folder(tmp_path, make_slide):
     assert forced.outcomes[0].status == "done" and h5.stat().st_mtime_ns != stamp
 
 
-def test_killed_run_leaves_no_corrupt_output_and_resumes(tmp_path, make_slide):
+def cohort_folder(tmp_path, slide, prefix: str, n: int = 6):
+    """A folder of `n` copies of one generated slide, named <prefix>0.svs …, and a workspace path beside it."""
     folder = tmp_path / "slides"
     folder.mkdir()
-    for i in range(6):
-        shutil.copy(make_slide(size=(4000, 5000)), folder / f"s{i}.svs")
-    out = tmp_path / "ws"
+    for i in range(n):
+        shutil.copy(slide, folder / f"{prefix}{i}.svs")
+    return folder, tmp_path / "ws"
+
+
+def test_killed_run_leaves_no_corrupt_output_and_resumes(tmp_path, make_slide):
+    folder, out = cohort_folder(tmp_path, make_slide(size=(4000, 5000)), "s")
     proc = subprocess.Popen([*WSIP, "patch", str(folder), "--out", str(out), "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     coords_dir = out / "patches/20x_256px_0px/coords"
@@ -155,11 +160,7 @@ def test_killed_run_leaves_no_corrupt_output_and_resumes(tmp_path, make_slide):
 
 
 def test_concurrent_workers_do_each_slide_once_and_shards_partition(tmp_path, make_slide):
-    folder = tmp_path / "slides"
-    folder.mkdir()
-    for i in range(6):
-        shutil.copy(make_slide(size=(3000, 4000)), folder / f"c{i}.svs")
-    out = tmp_path / "ws"
+    folder, out = cohort_folder(tmp_path, make_slide(size=(3000, 4000)), "c")
     procs = [subprocess.Popen([*WSIP, "patch", str(folder), "--out", str(out), "--quiet"],
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     logs = [p.communicate(timeout=300)[1] for p in procs]

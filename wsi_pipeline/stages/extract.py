@@ -10,6 +10,7 @@ and a killed run resumes from its last complete chunk.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -146,11 +147,10 @@ def extract_slide(job: SlideJob, *, encoder: Encoder, params: ExtractParams, out
         return SlideOutcome(job.slide_id, cohort.CACHED)
     if len(coords) == 0:
         raise UserError(f"{job.coords_path}: no patches; nothing to encode")
-    store = PartialFeatures(out_dir / ".partial" / f"{job.slide_id}.zarr", len(coords), encoder.dim,
-                            params.chunk_rows, key)
+    partial_path = out_dir / ".partial" / f"{job.slide_id}.zarr"
     if force:
-        store.remove()
-        store = PartialFeatures(store.path, len(coords), encoder.dim, params.chunk_rows, key)
+        shutil.rmtree(partial_path, ignore_errors=True)  # --force: no resume from old chunks either
+    store = PartialFeatures(partial_path, len(coords), encoder.dim, params.chunk_rows, key)
     todo = [c for c in range(store.n_chunks) if c not in store.done_chunks()]
     start, n_new = time.perf_counter(), sum(len(store.chunk_rows_range(c)) for c in todo)
     dataset = PatchDataset(job.path, coords, int(cattrs["read_level"]), int(cattrs["read_size"]), pre.input_size)

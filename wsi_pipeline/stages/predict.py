@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,7 @@ def predict(slides: Sequence[SlideSource], params: PredictParams = PredictParams
     root, patch_params, extract_params = recorded_stage_params(Path(meta["features"]))
     patch_result = patch(slides, patch_params, out=root)
     patched = {o.slide_id: o for o in patch_result.outcomes}
-    extract_params = ExtractParams(**{**extract_params.__dict__, "device": params.device})
+    extract_params = replace(extract_params, device=params.device)
     extracted = extract(extract_params, out=root, slide_ids=[s.slide_id for s in slides])
     feature_dir = extracted.out_dir
     if feature_dir.resolve() != Path(meta["features"]).resolve():

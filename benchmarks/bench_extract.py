@@ -18,8 +18,8 @@ from common import generated_slide, machine
 
 from wsi_pipeline.device import resolve_device
 from wsi_pipeline.models.encoders import create_encoder
-from wsi_pipeline.stages.cohort import SlideSource
 from wsi_pipeline.stages.extract import ExtractParams, extract
+from wsi_pipeline.stages.inputs import SlideSource
 from wsi_pipeline.stages.patch import PatchParams, patch
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     folder.mkdir()
     shutil.copy(generated_slide((12000, 16000), seed=1), folder / "bench.svs")
     shutil.copy(generated_slide((2000, 2000), seed=2), folder / "warmup.svs")
-    patch([SlideSource(folder / "bench.svs"), SlideSource(folder / "warmup.svs")], PatchParams(magnification=20),
+    patch([SlideSource(folder / "bench.svs"), SlideSource(folder / "warmup.svs")], PatchParams(magnification_x=20),
           out=workspace)
     print(f"wsip extract, batch {args.batch_size}, {args.workers} reader worker(s), precision {args.precision} — "
           f"{machine()}")

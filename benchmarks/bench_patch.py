@@ -14,17 +14,13 @@ from pathlib import Path
 from common import generated_slide, machine, shared_slides
 
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.stages.cohort import SlideSource
-from wsi_pipeline.stages.patch import (
-    PatchParams,
-    patch_slide,
-    plan_read,
-    qc_read,
-    tissue_grid,
-    write_coords,
-    write_qc,
-)
-from wsi_pipeline.stages.segment import segment_tissue
+from wsi_pipeline.stages.inputs import SlideSource
+from wsi_pipeline.stages.patch import PatchParams, patch_slide, plan_read
+from wsi_pipeline.stages.patch.grid import tissue_grid
+from wsi_pipeline.stages.patch.qc import qc_read, write_qc
+from wsi_pipeline.stages.patch.segment import segment_tissue
+from wsi_pipeline.workspace.coords_store import write_coords
+from wsi_pipeline.workspace.layout import PatchSet
 
 
 def best_of(n: int, fn) -> float:
@@ -47,15 +43,15 @@ def bench(path: Path, mpp: float | None, params: PatchParams, repeats: int = 3) 
         segment = best_of(repeats, lambda: segment_tissue(slide, params.segment, sharper=fine))
         segment -= floor if fine is None else 0.0
         plan = plan_read(slide, params)
-        grid = best_of(repeats, lambda: tissue_grid(tissue, plan, slide.dimensions, params.min_tissue))
-        coords = tissue_grid(tissue, plan, slide.dimensions, params.min_tissue)
+        grid = best_of(repeats, lambda: tissue_grid(tissue, plan, slide.dimensions, params.min_tissue_fraction))
+        coords = tissue_grid(tissue, plan, slide.dimensions, params.min_tissue_fraction)
         tmp = Path(tempfile.mkdtemp())
         write = best_of(repeats, lambda: (write_coords(tmp / "c.h5", coords, {"patch_size": 1}),
-                                          write_qc(tmp / "q.jpg", slide, tissue, coords, plan, fine)))
+                                          write_qc(tmp / "q.jpg", slide, tissue, coords, plan.patch_size_level0, fine)))
 
     def full() -> None:
         out = Path(tempfile.mkdtemp())
-        patch_slide(source, params=params, out_dir=out)
+        patch_slide(source, params=params, patch_set=PatchSet(out))
         shutil.rmtree(out)
 
     total = best_of(repeats, full)
@@ -65,7 +61,7 @@ def bench(path: Path, mpp: float | None, params: PatchParams, repeats: int = 3) 
 
 
 def main() -> None:
-    params = PatchParams(magnification=20)
+    params = PatchParams(magnification_x=20)
     cases = [("generated 40,000² 40x (levels 1/4/16)", generated_slide((40000, 40000)), None)]
     for name, mpp in (("CMU-1-Small-Region.svs", None), ("TCGA-CR-7395-01A-01-TS1.svs", 0.25)):
         if (shared_slides() / name).exists():

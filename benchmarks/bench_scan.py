@@ -60,7 +60,7 @@ def worker(impl: str, length: int, mem_limit_gb: float) -> dict:
     limit = int(mem_limit_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     torch.set_num_threads(2)
-    from wsi_pipeline.models import bimamba
+    from wsi_pipeline.models.ssm import bimamba
 
     if impl != "ours":
         bimamba.selective_scan = reference_scan if impl == "sequential" else mambapy_scan

@@ -13,7 +13,7 @@ import time
 import torch
 from common import machine
 
-from wsi_pipeline.models import create_model
+from wsi_pipeline.models.mil import create_model
 
 
 def seconds_per_100_bags(name: str, n: int, bags: int, device: torch.device) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline.synthetic import he_tissue, tile_tissue, write_aperio_slide
+from wsi_pipeline.testing.synthetic import he_tissue, tile_tissue, write_aperio_slide
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("WSIP_BENCH_CACHE", "/tmp/wsip_bench"))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from wsi_pipeline.synthetic import make_demo_cohort
+from wsi_pipeline.testing.synthetic import make_demo_cohort
 
 
 def main() -> None:

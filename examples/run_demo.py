@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from wsi_pipeline.synthetic import make_demo_cohort
+from wsi_pipeline.testing.synthetic import make_demo_cohort
 
 HERE = Path(__file__).resolve().parent
 

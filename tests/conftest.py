@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_pipeline.synthetic import he_tissue, tile_tissue, write_aperio_slide
+from wsi_pipeline.testing.synthetic import he_tissue, tile_tissue, write_aperio_slide
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wsi_pipeline.models import create_model
-from wsi_pipeline.models.transmil import NystromAttention
+from wsi_pipeline.errors import UserError
+from wsi_pipeline.models.mil import create_model
+from wsi_pipeline.models.mil.transmil import NystromAttention
 
 BASELINES = ["abmil", "transmil", "mambamil", "mean", "max"]
 WITH_ATTENTION = {"abmil", "transmil", "mambamil"}
@@ -116,5 +117,5 @@ def test_nystrom_attention_is_exact_when_every_token_is_a_landmark() -> None:
 
 
 def test_unknown_option_is_rejected() -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(UserError, match="no option.*mask_ratio.*hidden_dim"):
         create_model("abmil", in_dim=512, n_classes=2, mask_ratio=0.2)

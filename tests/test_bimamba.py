@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsi_pipeline.models.bimamba import BiMamba, SRMamba, stride_order, stride_restore, xavier_reinit_
+from wsi_pipeline.models.ssm.bimamba import BiMamba, SRMamba, stride_order, stride_restore, xavier_reinit_
 
 
 def small(reverse: str = "flip", rate: int = 10, seed: int = 0) -> BiMamba:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
-from wsi_pipeline.config import ConfigError, OptimConfig, config_to_dict, load_config
-from wsi_pipeline.dataset import load_cohort, read_labels
-from wsi_pipeline.errors import UserError
+from wsi_pipeline.errors import ConfigError, UserError
 from wsi_pipeline.stages.train import TrainParams, train
+from wsi_pipeline.stages.train.config import OptimConfig, config_to_dict, load_config
+from wsi_pipeline.stages.train.labels import load_labelled_slides, read_labels
 
 SLIDES = [("TCGA-A1-0001-01Z", "SCC", "TCGA-A1-0001"), ("TCGA-A1-0001-02Z", "SCC", "TCGA-A1-0001")] + [
     (f"TCGA-B{i}-000{i}-01Z", "EAC" if i % 2 else "SCC", "") for i in range(2, 8)
@@ -60,7 +60,7 @@ def write_cfg(folder: Path, changes: dict, *, drop: tuple[str, ...] = ()) -> Pat
 
 def check(path: Path) -> None:
     """Everything `train` validates before its first epoch."""
-    load_cohort(load_config(path))
+    load_labelled_slides(load_config(path))
 
 
 def test_defaults_are_gmmamba_and_paths_resolve_from_the_yaml(project, monkeypatch, tmp_path_factory):
@@ -76,9 +76,9 @@ def test_defaults_are_gmmamba_and_paths_resolve_from_the_yaml(project, monkeypat
     assert cfg.data.features == project / "features"  # relative to the YAML, not the working directory
     assert cfg.data.labels == project / "labels.csv"
     assert cfg.out == elsewhere / "wsip_out"  # `out` left out: ./wsip_out of the working directory
-    assert cfg.run_dir == elsewhere / "wsip_out" / "runs" / "t"
+    assert cfg.run.dir == elsewhere / "wsip_out" / "runs" / "t"
     assert cfg.model.options == {"hidden_dim": 4}
-    cohort = load_cohort(cfg)
+    cohort = load_labelled_slides(cfg)
     assert cohort.classes == ("EAC", "SCC") and cohort.in_dim == 8
     assert cohort.slides[1].case_id == "TCGA-A1-0001" and cohort.slides[2].case_id == SLIDES[2][0]
 
@@ -94,7 +94,7 @@ def test_out_from_env_and_round_trip(project, monkeypatch):
 
 def test_classes_order_is_kept(project):
     cfg = load_config(write_cfg(project, {"data.classes": ["SCC", "EAC"]}))
-    assert load_cohort(cfg).classes == ("SCC", "EAC")
+    assert load_labelled_slides(cfg).classes == ("SCC", "EAC")
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ def test_small_demo_runs_end_to_end(tmp_path):
     # offline the demo says plainly that it fell back to random weights; online it used the pretrained ones
     pretrained = (tmp_path / "features/20x_256px_0px/resnet18/h5_files").is_dir()
     assert pretrained != ("RANDOM encoder weights" in proc.stdout)
-    record = json.loads((tmp_path / "predictions/holdout.json").read_text())
+    record = json.loads((tmp_path / "predictions/demo_gmmamba/holdout.json").read_text())
     assert abs(sum(record["probabilities"].values()) - 1) < 1e-6
-    assert (tmp_path / "predictions/holdout_heatmap.png").exists()
+    assert (tmp_path / "predictions/demo_gmmamba/holdout_heatmap.png").exists()
     assert (tmp_path / "runs/demo_gmmamba/summary.csv").exists()

@@ -109,7 +109,7 @@ def test_timm_encoder_takes_dim_and_preprocess_from_timm() -> None:
 
 
 def test_unknown_encoder_name() -> None:
-    with pytest.raises(ValueError, match="resnet18"):
+    with pytest.raises(UserError, match="resnet18"):
         enc.get_spec("resnet19")
 
 

@@ -17,8 +17,8 @@ import torch
 from wsi_pipeline.errors import UserError
 from wsi_pipeline.models.encoders import create_encoder
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.stages.cohort import SlideSource
 from wsi_pipeline.stages.extract import ExtractParams, extract, resize_patch
+from wsi_pipeline.stages.inputs import SlideSource
 from wsi_pipeline.stages.patch import PatchParams, patch
 
 SMALL = {"size": (1536, 2048), "mpp": 0.5, "mag": 20}
@@ -156,7 +156,7 @@ def test_killed_mid_slide_resumes_without_recomputing_done_chunks(patched, tmp_p
 
 
 def test_several_patch_configs_need_patches_name(patched):
-    patch([SlideSource(patched.parent / "slides/a.svs")], PatchParams(magnification=10), out=patched)
+    patch([SlideSource(patched.parent / "slides/a.svs")], PatchParams(magnification_x=10), out=patched)
     with pytest.raises(UserError, match="--patches"):
         extract(ExtractParams(weights="random"), out=patched)
     result = extract(ExtractParams(weights="random", patches="10x_256px_0px", formats=("h5",)), out=patched)

@@ -8,8 +8,8 @@ import torch
 from sklearn.cluster import KMeans
 from torch import nn
 
-from wsi_pipeline.models import create_model
-from wsi_pipeline.models.gmmamba import GMMamba, mask_count
+from wsi_pipeline.models.mil import create_model
+from wsi_pipeline.models.mil.gmmamba import GMMamba, mask_count
 
 SMALL = {"d_model": 64}  # same architecture, narrower: keeps CPU tests fast
 

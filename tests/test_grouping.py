@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from wsi_pipeline.models import list_models
-from wsi_pipeline.models.grouping import group_cache_key, groups_from_labels, kmeans_labels, make_groups
+from wsi_pipeline.errors import UserError
+from wsi_pipeline.models.mil import list_models
+from wsi_pipeline.models.mil.grouping import group_cache_key, groups_from_labels, kmeans_labels, make_groups
 
 
 def _grid_coords(n: int, seed: int = 0) -> np.ndarray:
@@ -109,13 +110,13 @@ def test_cache_key_and_bad_arguments() -> None:
 
 def test_registry_lists_models_and_does_not_import_torch() -> None:
     assert list_models() == ["abmil", "gmmamba", "mambamil", "max", "mean", "transmil"]
-    code = "import sys, wsi_pipeline.models as m; m.list_models(); print('torch' in sys.modules)"
+    code = "import sys, wsi_pipeline.models.mil as m; m.list_models(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_unknown_model_name_is_a_clear_error() -> None:
-    from wsi_pipeline.models import create_model
+    from wsi_pipeline.models.mil import create_model
 
-    with pytest.raises(ValueError, match="unknown model 'gmmambo'; available: abmil"):
+    with pytest.raises(UserError, match="unknown model 'gmmambo'; available: abmil"):
         create_model("gmmambo", in_dim=512, n_classes=2)

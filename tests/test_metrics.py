@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from wsi_pipeline.metrics import classification_metrics, predict_labels, selection_score, summarize
+from wsi_pipeline.stages.train.metrics import classification_metrics, predict_labels, selection_score, summarize
 
 # 6 slides, binary: p1 = [0.9, 0.6, 0.5, 0.4, 0.2, 0.7], truth = [1, 1, 0, 0, 0, 1]
 # ŷ = 1[p1 >= 0.5] = [1, 1, 1, 0, 0, 1]  -> TP 3, FP 1 (the 0.5 tie), TN 2, FN 0

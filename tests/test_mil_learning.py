@@ -21,7 +21,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from wsi_pipeline.models import create_model
+from wsi_pipeline.models.mil import create_model
 
 DIM, GRID, SHIFT = 32, 48, 5.0
 N_TRAIN, N_TEST, EPOCHS, LR = 200, 60, 2, 1e-3

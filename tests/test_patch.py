@@ -17,7 +17,7 @@ import pytest
 from conftest import sample_slide
 
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.stages.cohort import SlideSource, resolve_inputs
+from wsi_pipeline.stages.inputs import SlideSource, resolve_inputs
 from wsi_pipeline.stages.patch import PatchParams, patch, plan_read
 
 WSIP = [sys.executable, "-m", "wsi_pipeline.cli"]
@@ -40,7 +40,7 @@ def saturation_fraction(slide: Slide, xy, size0: int) -> float:
 @pytest.mark.parametrize(("mag", "read_size"), [(20, 256), (10, 512)])
 def test_cmu_reads_level0_at_the_right_size(tmp_path, mag, read_size):
     path = sample_slide("CMU-1-Small-Region.svs")
-    result = patch([SlideSource(path)], PatchParams(magnification=mag), out=tmp_path)
+    result = patch([SlideSource(path)], PatchParams(magnification_x=mag), out=tmp_path)
     assert [o.status for o in result.outcomes] == ["done"]
     coords, attrs = coords_of(result, path.stem)
     # CLAM reader conventions
@@ -60,10 +60,10 @@ def test_generated_multilevel_slide_levels_and_shared_tissue(tmp_path, make_slid
     with Slide(path) as slide:
         assert slide.level_downsamples == pytest.approx([1, 4, 16], rel=1e-3)
         assert slide.mpp == pytest.approx(0.25) and slide.objective_power == 40
-        assert plan_read(slide, PatchParams(magnification=20)).read_level == 0
-        assert plan_read(slide, PatchParams(magnification=10)).read_level == 1
-    r20 = patch([SlideSource(path)], PatchParams(magnification=20), out=tmp_path)
-    r10 = patch([SlideSource(path)], PatchParams(magnification=10), out=tmp_path)
+        assert plan_read(slide, PatchParams(magnification_x=20)).read_level == 0
+        assert plan_read(slide, PatchParams(magnification_x=10)).read_level == 1
+    r20 = patch([SlideSource(path)], PatchParams(magnification_x=20), out=tmp_path)
+    r10 = patch([SlideSource(path)], PatchParams(magnification_x=10), out=tmp_path)
     c20, a20 = coords_of(r20, "gen")
     c10, a10 = coords_of(r10, "gen")
     assert (a20["patch_level"], a20["patch_size"], a20["patch_size_level0"]) == (0, 512, 512)
@@ -121,7 +121,7 @@ def test_resume_cache_and_new_config_folder(tmp_path, make_slide):
     stamp = h5.stat().st_mtime_ns
     again = patch(sources, out=tmp_path)
     assert [o.status for o in again.outcomes] == ["cached"] and h5.stat().st_mtime_ns == stamp
-    changed = patch(sources, PatchParams(min_tissue=0.9), out=tmp_path)
+    changed = patch(sources, PatchParams(min_tissue_fraction=0.9), out=tmp_path)
     assert changed.out_dir != first.out_dir and changed.out_dir.name.startswith("20x_256px_0px_")
     assert coords_of(changed, "gen")[0].shape[0] < coords_of(first, "gen")[0].shape[0]
     forced = patch(sources, out=tmp_path, force=True)

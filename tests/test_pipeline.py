@@ -10,13 +10,13 @@ import pytest
 import yaml
 
 from wsi_pipeline.errors import UserError
-from wsi_pipeline.metrics import classification_metrics
-from wsi_pipeline.stages.cohort import SlideSource, resolve_inputs
 from wsi_pipeline.stages.extract import ExtractParams, extract
+from wsi_pipeline.stages.inputs import SlideSource, resolve_inputs
 from wsi_pipeline.stages.patch import patch
 from wsi_pipeline.stages.predict import PredictParams, predict
 from wsi_pipeline.stages.train import TrainParams, train
-from wsi_pipeline.synthetic import make_demo_cohort
+from wsi_pipeline.stages.train.metrics import classification_metrics
+from wsi_pipeline.testing.synthetic import make_demo_cohort
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +70,8 @@ def test_predict_new_slide_twice_reuses_cache(trained):
     params = PredictParams(run=result.run_dir)
     first = predict([holdout], params, out=root / "ws").predictions[0]
     assert first.status == "done", first.error
-    coords = root / "ws/patches/20x_256px_0px/coords/holdout.h5"
-    feats = next((root / "ws/features").glob("*/*/h5_files/holdout.h5"))
+    coords = root / "ws/predictions/_slides/patches/20x_256px_0px/coords/holdout.h5"
+    feats = next((root / "ws/predictions/_slides/features").glob("*/*/h5_files/holdout.h5"))
     stamps = (coords.stat().st_mtime_ns, feats.stat().st_mtime_ns)
     second = predict([holdout], params, out=root / "ws").predictions[0]
     assert (coords.stat().st_mtime_ns, feats.stat().st_mtime_ns) == stamps  # nothing recomputed

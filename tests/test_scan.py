@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsi_pipeline.models import scan
+from wsi_pipeline.models.ssm import scan
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -158,7 +158,7 @@ def test_causal_conv1d_gradients(activation):
 MEMORY_PROBE = textwrap.dedent(
     """
     import sys, torch
-    from wsi_pipeline.models.scan import selective_scan
+    from wsi_pipeline.models.ssm.scan import selective_scan
 
     def rss_kb(field):
         with open("/proc/self/status") as f:

@@ -6,8 +6,16 @@ from collections import Counter
 
 import pytest
 
-from wsi_pipeline.config import ConfigError
-from wsi_pipeline.splits import PARTS, SplitRow, Splits, make_splits, parse_splits_csv, read_splits, write_splits
+from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.stages.train.splits import (
+    PARTS,
+    SplitRow,
+    Splits,
+    make_splits,
+    parse_splits_csv,
+    read_splits,
+    write_splits,
+)
 
 
 def cohort(n_patients: int = 30) -> list[tuple[str, str, str]]:

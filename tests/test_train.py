@@ -19,10 +19,10 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
-from wsi_pipeline.bags import load_bags, slide_groups
-from wsi_pipeline.config import ConfigError
-from wsi_pipeline.metrics import SCALARS, classification_metrics
+from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.stages.train import TrainParams, TrainResult, train
+from wsi_pipeline.stages.train.bags import load_bags, slide_groups
+from wsi_pipeline.stages.train.metrics import SCALARS, classification_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("neg", "pos")
@@ -306,10 +306,6 @@ def test_group_cache_reused_and_invalidated(tmp_path):
     assert slide_groups(path, None, None, make_groups=lambda f, c: None, cache_path=None) is None
 
 
-@pytest.mark.skipif(
-    not (REPO / "wsi_pipeline" / "models" / "gmmamba.py").is_file(),
-    reason="wsi_pipeline/models/gmmamba.py not written yet (models worker)",
-)
 def test_gmmamba_learns_a_clustered_signal(tmp_path):
     """16 of 100 instances, one spatial cluster, carry the label; GMMamba (shrunk for CPU) must find them.
 

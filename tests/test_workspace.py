@@ -10,17 +10,10 @@ import sys
 
 import pytest
 
-from wsi_pipeline.workspace import (
-    SlideLock,
-    atomic_write,
-    params_hash,
-    parse_shard,
-    read_manifest,
-    slide_fingerprint,
-    take_shard,
-    update_manifest,
-    workspace_root,
-)
+from wsi_pipeline.workspace.files import atomic_write, file_fingerprint, params_hash, workspace_root
+from wsi_pipeline.workspace.locks import OwnerLock
+from wsi_pipeline.workspace.manifest import read_manifest, update_manifest
+from wsi_pipeline.workspace.shards import parse_shard, take_shard
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -36,7 +29,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 
 
 def test_lock_is_exclusive_and_released(tmp_path):
-    a, b = SlideLock(tmp_path / "s.lock"), SlideLock(tmp_path / "s.lock")
+    a, b = OwnerLock(tmp_path / "s.lock"), OwnerLock(tmp_path / "s.lock")
     assert a.acquire() and not b.acquire()
     a.release()
     assert b.acquire()
@@ -48,15 +41,15 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     path = tmp_path / "s.lock"
     path.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "time": 0}))
-    assert SlideLock(path).acquire()
+    assert OwnerLock(path).acquire()
 
 
 def test_live_lock_on_another_host_is_respected_until_it_ages(tmp_path, monkeypatch):
     path = tmp_path / "s.lock"
     path.write_text(json.dumps({"pid": 1, "host": "other-node", "time": 0}))
-    assert not SlideLock(path).acquire()
+    assert not OwnerLock(path).acquire()
     os.utime(path, (0, 0))  # not refreshed for decades
-    assert SlideLock(path).acquire()
+    assert OwnerLock(path).acquire()
 
 
 def test_manifest_upsert_keeps_one_row_per_slide(tmp_path):
@@ -89,8 +82,8 @@ def test_hashes_and_fingerprints(tmp_path, monkeypatch):
     assert params_hash({"a": 1, "b": 2}) == params_hash({"b": 2, "a": 1}) != params_hash({"a": 1, "b": 3})
     f = tmp_path / "s.svs"
     f.write_bytes(b"12345")
-    before = slide_fingerprint(f)
+    before = file_fingerprint(f)
     os.utime(f, ns=(1, 1))
-    assert slide_fingerprint(f) != before
+    assert file_fingerprint(f) != before
     monkeypatch.setenv("WSIP_OUT", str(tmp_path / "ws"))
     assert workspace_root() == tmp_path / "ws" and workspace_root("x").name == "x"

@@ -37,12 +37,12 @@ def fail(message: str, code: int = 2) -> NoReturn:
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn errors a user can fix into one-line messages with exit code 2."""
-    from wsi_pipeline.errors import UserError
+    from wsi_pipeline.errors import UserError, one_line
 
     try:
         yield
     except (UserError, FileNotFoundError) as exc:
-        fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        fail(one_line(exc))
 
 
 @contextmanager
@@ -99,13 +99,15 @@ def patch_progress(quiet: bool) -> Iterator[tuple[Callable[[Any], None], Callabl
 
 
 def report_outcomes(outcomes: list[Any], out_dir: Path) -> None:
-    """Summary line per status; exit 1 when any slide failed (DESIGN §1)."""
+    """Summary line per status; exit 1 when any slide failed (docs/design.md §1)."""
+    from wsi_pipeline.workspace.manifest import FAILURES
+
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     console.print(f"{summary} → {out_dir}", highlight=False)
-    failed = [o for o in outcomes if o.status in ("failed", "no_tissue")]
+    failed = [o for o in outcomes if o.status in FAILURES]
     if failed:
         console.print(f"[red]{len(failed)} slide(s) failed[/]: " + ", ".join(o.slide_id for o in failed) +
                       f" (reasons in {out_dir / 'manifest.csv'})", highlight=False)
@@ -130,12 +132,13 @@ def patch(
 ) -> None:
     """Segment tissue and lay a patch grid at a physical magnification → coords h5 + QC images."""
     from wsi_pipeline.stages import patch as patch_stage
-    from wsi_pipeline.stages.cohort import resolve_inputs
+    from wsi_pipeline.stages.inputs import resolve_inputs
 
     with user_errors():
         sources = resolve_inputs(slides, mpp=mpp)
-        params = patch_stage.PatchParams(magnification=mag, patch_size=patch_size, overlap=overlap,
-                                         min_tissue=min_tissue, allow_upsample=allow_upsample, masks=masks)
+        params = patch_stage.PatchParams(magnification_x=mag, patch_size_px=patch_size, overlap_px=overlap,
+                                         min_tissue_fraction=min_tissue, allow_upsample=allow_upsample,
+                                         masks=masks.resolve() if masks else None)
         with slide_progress(len(sources), "patching", quiet) as on_done:
             result = patch_stage.patch(sources, params, out=out, workers=workers, shard=shard, force=force,
                                        on_done=on_done)
@@ -160,8 +163,9 @@ def extract(
     """Encode every patched slide → features/<patch config>/<encoder>/{h5_files,pt_files}."""
     from wsi_pipeline.stages import extract as extract_stage
 
+    weights_spec = weights if weights in ("pretrained", "random") else str(Path(weights).expanduser().resolve())
     params = extract_stage.ExtractParams(
-        encoder=encoder, weights=weights, batch_size=batch_size, workers=workers, device=device,
+        encoder=encoder, weights=weights_spec, batch_size=batch_size, workers=workers, device=device,
         precision=precision, formats=tuple(f.strip() for f in formats.split(",") if f.strip()), patches=patches)
     with user_errors(), patch_progress(quiet) as (on_done, on_patches):
         result = extract_stage.extract(params, out=out, shard=shard, force=force, on_done=on_done,
@@ -208,16 +212,21 @@ def _fmt(value: Any) -> str:
 @app.command()
 def predict(
     slides: Annotated[list[Path], typer.Argument(help="Slide files, folders, or a CSV with slide_path[,mpp].")],
-    run: Annotated[Path | None, typer.Option("--run", help="A runs/<name> folder (default: newest).")] = None,
+    run: Annotated[str | None, typer.Option("--run", help="A run name or runs/<name> folder (default: newest).")
+                   ] = None,
     fold: Annotated[int | None, typer.Option("--fold", help="Use one fold's model instead of all.")] = None,
     mpp: Annotated[float | None, typer.Option("--mpp", help="µm/px for slides that record none.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:i.")] = "auto",
     heatmap: Annotated[bool, typer.Option("--heatmap/--no-heatmap", help="Write an attention heatmap PNG.")] = True,
     out: OutOpt = None,
 ) -> None:
-    """Predict new slides end to end with a trained run (patches and features are cached)."""
+    """Predict new slides end to end with a trained run → <out>/predictions/<run name>/<slide_id>.json + heatmap.
+
+    New slides are patched and encoded like the run's training slides, in <out>/predictions/_slides/ (cached;
+    the training cohort's files are never touched).
+    """
     from wsi_pipeline.stages import predict as predict_stage
-    from wsi_pipeline.stages.cohort import resolve_inputs
+    from wsi_pipeline.stages.inputs import resolve_inputs
 
     with user_errors():
         sources = resolve_inputs(slides, mpp=mpp)
@@ -236,6 +245,8 @@ def predict(
     for p in result.predictions:
         if p.status == "done":
             console.print(f"{p.slide_id}: {p.json_path}, heatmap {p.heatmap_path}, QC {p.qc_path}", highlight=False)
+        if p.note:
+            console.print(f"[yellow]note[/]: {p.note}", highlight=False)
     if any(p.status != "done" for p in result.predictions):
         raise typer.Exit(1)
 
@@ -247,6 +258,7 @@ def info(
 ) -> None:
     """Levels, MPP (and where it came from), magnification and vendor of a slide."""
     from wsi_pipeline.slide import Slide
+    from wsi_pipeline.units import magnification_for_mpp
 
     with user_errors(), Slide(slide, mpp=mpp) as s:
         mpp_info = s.mpp_info
@@ -256,7 +268,7 @@ def info(
         table.add_row("MPP", f"{mpp_info.mpp:.4f} µm/px ({mpp_info.source})" if mpp_info else
                       "[red]not recorded[/]: pass --mpp")
         if mpp_info:
-            table.add_row("magnification", f"{10 / mpp_info.mpp:.1f}x")
+            table.add_row("magnification", f"{magnification_for_mpp(mpp_info.mpp):.1f}x")
         table.add_row("objective power", str(s.objective_power or "not recorded"))
         for i, ((w, h), ds) in enumerate(zip(s.level_dimensions, s.level_downsamples, strict=True)):
             table.add_row(f"level {i}", f"{w} × {h} px, downsample {ds:.3f}")
@@ -266,28 +278,28 @@ def info(
 @app.command()
 def status(out: OutOpt = None) -> None:
     """What is done / failed per stage in the workspace."""
-    from wsi_pipeline.workspace import read_manifest, workspace_root
+    from wsi_pipeline.workspace.layout import Layout
+    from wsi_pipeline.workspace.manifest import DONE, FAILED, NO_TISSUE, read_manifest
 
-    root = workspace_root(out)
-    manifests = sorted(root.glob("patches/*/manifest.csv")) + sorted(root.glob("features/*/*/manifest.csv"))
-    runs = sorted(root.glob("runs/*"))
-    if not manifests and not runs:
-        console.print(f"nothing in {root} yet: start with `wsip patch SLIDES...`")
+    layout = Layout.at(out)
+    outputs = [*layout.patch_sets(), *layout.feature_sets()]
+    runs = layout.runs()
+    if not outputs and not runs:
+        console.print(f"nothing in {layout.root} yet: start with `wsip patch SLIDES...`")
         return
-    table = Table(title=f"workspace {root}")
+    table = Table(title=f"workspace {layout.root}")
     for col in ("stage output", "done", "failed", "no tissue", "failures (first 3)"):
         table.add_column(col)
-    for manifest in manifests:
-        rows = read_manifest(manifest)
-        by = {s: [r for r in rows if r["status"] == s] for s in ("done", "failed", "no_tissue")}
-        first = ", ".join(r["slide_id"] for r in (by["failed"] + by["no_tissue"])[:3])
-        table.add_row(str(manifest.parent.relative_to(root)), str(len(by["done"])), str(len(by["failed"])),
-                      str(len(by["no_tissue"])), first)
+    for output in outputs:
+        rows = read_manifest(output.manifest)
+        by = {s: [r for r in rows if r["status"] == s] for s in (DONE, FAILED, NO_TISSUE)}
+        first = ", ".join(r["slide_id"] for r in (by[FAILED] + by[NO_TISSUE])[:3])
+        table.add_row(str(output.dir.relative_to(layout.root)), str(len(by[DONE])), str(len(by[FAILED])),
+                      str(len(by[NO_TISSUE])), first)
     for run in runs:
-        folds = sorted(run.glob("fold_*"))
-        done = sum((f / "metrics.json").exists() for f in folds)
-        table.add_row(str(run.relative_to(root)), f"{done} folds", "", "",
-                      "summary.csv" if (run / "summary.csv").exists() else "in progress")
+        done = sum(f.metrics.is_file() for f in run.trained_folds())
+        table.add_row(str(run.dir.relative_to(layout.root)), f"{done} folds", "", "",
+                      "summary.csv" if run.summary.is_file() else "in progress")
     out_console.print(table)
 
 

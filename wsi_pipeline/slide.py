@@ -37,7 +37,7 @@ class MppInfo:
 
 
 def _mpp_from_properties(props: Mapping[str, str]) -> MppInfo | None:
-    """DESIGN §5 order after the override: openslide.mpp > aperio.MPP > TIFF resolution > objective power."""
+    """docs/design.md §5 order after the override: openslide.mpp > aperio.MPP > TIFF resolution > objective power."""
 
     def plausible(value: float) -> bool:
         return _MPP_RANGE[0] <= value <= _MPP_RANGE[1]

@@ -1,9 +1,5 @@
-"""Slide-level MIL models (GMMamba and baselines) behind one ``create_model``.
+"""Models: patch encoders (`encoders/`), slide-level MIL models (`mil/`, one `create_model`), and the
+selective scans and Mamba blocks the Mamba-based MIL models share (`ssm/`).
 
-Importing this package must stay cheap (no torch): model modules are imported on first use.
-``encoders.py`` is the separate patch-encoder registry.
+Importing this package (or `mil`) must stay cheap (no torch): model modules are imported on first use.
 """
-
-from wsi_pipeline.models.registry import create_model, list_models, register_model
-
-__all__ = ["create_model", "list_models", "register_model"]

@@ -1,15 +1,16 @@
-"""`wsip extract`: patch features for every patched slide, fast and resumable inside a slide (DESIGN §7).
+"""`wsip extract`: patch features for every patched slide, fast and resumable inside a slide.
 
 Per slide: a Dataset over the coords whose DataLoader workers each open their own `Slide` and read at the
 level/size recorded in the coords h5 (never recomputed), area-resize to the encoder's input and hand over
 uint8 (4× less to move than float); the main process normalises, runs the encoder (autocast on CUDA,
 channels_last, inference mode) and streams rows into a chunked partial zarr, so reading overlaps compute
-and a killed run resumes from its last complete chunk.
+and a killed run resumes from its last complete chunk. See docs/design.md §7.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -19,30 +20,25 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wsi_pipeline.device import resolve_device
-from wsi_pipeline.errors import UserError
-from wsi_pipeline.feature_store import PartialFeatures, features_are_current, write_features
+from wsi_pipeline.errors import InputError, UserError, name_some
 from wsi_pipeline.models.encoders import Encoder, create_encoder
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.stages import cohort
-from wsi_pipeline.stages.cohort import SlideOutcome
-from wsi_pipeline.workspace import (
-    code_digest,
-    params_hash,
-    parse_shard,
-    read_manifest,
-    take_shard,
-    workspace_root,
-    write_json_atomic,
-)
+from wsi_pipeline.stages import runner
+from wsi_pipeline.stages.runner import SlideOutcome
+from wsi_pipeline.workspace.coords_store import read_coords
+from wsi_pipeline.workspace.feature_store import PartialFeatures, features_are_current, write_features
+from wsi_pipeline.workspace.files import code_digest, params_hash, remove_stale_temps, write_json_if_changed
+from wsi_pipeline.workspace.layout import FeatureSet, Layout, PatchSet
+from wsi_pipeline.workspace.manifest import DONE, read_manifest
+from wsi_pipeline.workspace.shards import parse_shard, take_shard
 
 MANIFEST_COLUMNS = ("slide_id", "slide_path", "status", "n_patches", "dim", "seconds", "patches_per_s", "error")
-_CODE = code_digest(__file__)
+_CODE = code_digest(__file__)  # the encoders' own code is covered by the weights' sha256 and the spec
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -58,11 +54,25 @@ class ExtractParams:
     patches: str | None = None  # patch config folder name; automatic when the workspace has one
     chunk_rows: int = 1024  # resume granularity
 
+    def validate(self) -> None:
+        """Each bad value is a one-line error naming its flag, before any slide is touched."""
+        bad = set(self.formats) - {"h5", "pt"}
+        if bad or not self.formats:
+            raise InputError(f"--format {','.join(self.formats)}: choose h5, pt or h5,pt")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise InputError(f"--workers must be 0 (main process) or more, got {self.workers}")
+        if self.chunk_rows < 1:
+            raise InputError(f"chunk_rows must be at least 1, got {self.chunk_rows}")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise InputError(f"--precision {self.precision!r}: choose auto, fp32, fp16 or bf16")
+
 
 @dataclass(frozen=True)
 class SlideJob:
     slide_id: str
-    path: Path  # the slide
+    path: Path  # the slide (absolute, as the patch manifest records it)
     coords_path: Path
 
 
@@ -98,24 +108,30 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision {precision!r}: choose auto, fp32, fp16 or bf16")
     return None if precision == "fp32" else PRECISIONS[precision]
 
 
-def pick_patch_config(root: Path, name: str | None) -> Path:
-    patches = root / "patches"
+def precision_name(precision: str, device: torch.device) -> str:
+    """The precision actually used (`auto` resolved): part of the cache key, so auto and fp32 on a CPU
+    share their features."""
+    dtype = autocast_dtype(precision, device)
+    return "fp32" if dtype is None else next(k for k, v in PRECISIONS.items() if v == dtype)
+
+
+def pick_patch_set(layout: Layout, name: str | None) -> PatchSet:
+    """The named patch config, or the only one in the workspace."""
+    patches = layout.root / "patches"
     if name:
-        if not (patches / name / "coords").is_dir():
-            raise UserError(f"{patches / name}: no such patch config; run `wsip patch` first or fix --patches")
-        return patches / name
-    configs = sorted(p.parent for p in patches.glob("*/coords") if p.is_dir())
-    if not configs:
+        chosen = layout.patch_set(name)
+        if not chosen.dir.joinpath("coords").is_dir():
+            raise UserError(f"{chosen.dir}: no such patch config; run `wsip patch` first or fix --patches")
+        return chosen
+    sets = layout.patch_sets()
+    if not sets:
         raise UserError(f"{patches}: no patches yet; run `wsip patch SLIDES...` first (same --out)")
-    if len(configs) > 1:
-        names = ", ".join(c.name for c in configs)
-        raise UserError(f"{patches}: several patch configs ({names}); pass --patches NAME")
-    return configs[0]
+    if len(sets) > 1:
+        raise UserError(f"{patches}: several patch configs ({name_some(s.name for s in sets)}); pass --patches NAME")
+    return sets[0]
 
 
 def feature_set_name(encoder: str, weights: str, sha: str) -> str:
@@ -126,28 +142,19 @@ def feature_set_name(encoder: str, weights: str, sha: str) -> str:
     return f"{base}_random" if sha.startswith("random") else f"{base}_{sha[:8]}"
 
 
-def _coords_and_attrs(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    try:
-        with h5py.File(path, "r") as f:
-            return f["coords"][:].astype(np.int64), dict(f["coords"].attrs)
-    except (OSError, KeyError) as exc:
-        raise UserError(f"{path}: unreadable coords file ({cohort.one_line(exc)}); rerun `wsip patch --force`") \
-            from None
-
-
-def extract_slide(job: SlideJob, *, encoder: Encoder, params: ExtractParams, out_dir: Path, force: bool,
+def extract_slide(job: SlideJob, *, encoder: Encoder, params: ExtractParams, feature_set: FeatureSet, force: bool,
                   on_patches: Callable[[str, int, int], None] | None = None) -> SlideOutcome:
     """Encode one slide's patches; resumes from `.partial/<slide_id>.zarr` when interrupted."""
-    coords, cattrs = _coords_and_attrs(job.coords_path)
+    coords, cattrs = read_coords(job.coords_path)
     pre = encoder.preprocess
     key = _cache_key(encoder, params, cattrs)
-    h5_path = out_dir / "h5_files" / f"{job.slide_id}.h5" if "h5" in params.formats else None
-    pt_path = out_dir / "pt_files" / f"{job.slide_id}.pt" if "pt" in params.formats else None
+    h5_path = feature_set.h5(job.slide_id) if "h5" in params.formats else None
+    pt_path = feature_set.pt(job.slide_id) if "pt" in params.formats else None
     if not force and features_are_current(h5_path, pt_path, key):
-        return SlideOutcome(job.slide_id, cohort.CACHED)
+        return SlideOutcome(job.slide_id, runner.CACHED)
     if len(coords) == 0:
         raise UserError(f"{job.coords_path}: no patches; nothing to encode")
-    partial_path = out_dir / ".partial" / f"{job.slide_id}.zarr"
+    partial_path = feature_set.partial(job.slide_id)
     if force:
         shutil.rmtree(partial_path, ignore_errors=True)  # --force: no resume from old chunks either
     store = PartialFeatures(partial_path, len(coords), encoder.dim, params.chunk_rows, key)
@@ -157,13 +164,14 @@ def extract_slide(job: SlideJob, *, encoder: Encoder, params: ExtractParams, out
     _encode_chunks(dataset, store, todo, encoder, params,
                    lambda done: on_patches and on_patches(job.slide_id, done, n_new))
     seconds = time.perf_counter() - start
-    attrs = {**cattrs, "encoder": params.encoder, "weights_sha256": encoder.weights_sha256,
-             "input_size": pre.input_size, "mean": list(pre.mean), "std": list(pre.std), "cache_key": key,
-             "precision": str(autocast_dtype(params.precision, encoder.device) or "fp32")}
+    attrs = {**cattrs, "coords_cache_key": cattrs.get("cache_key"), "encoder": params.encoder,
+             "weights_sha256": encoder.weights_sha256, "input_size": pre.input_size, "mean": list(pre.mean),
+             "std": list(pre.std), "cache_key": key,
+             "precision": precision_name(params.precision, encoder.device)}
     write_features(h5_path, pt_path, store.read_all(), coords, attrs)
     store.remove()
     row = {"n_patches": len(coords), "dim": encoder.dim, "patches_per_s": f"{n_new / max(seconds, 1e-9):.1f}"}
-    return SlideOutcome(job.slide_id, cohort.DONE, row)
+    return SlideOutcome(job.slide_id, runner.DONE, row)
 
 
 def _encode_chunks(dataset: PatchDataset, store: PartialFeatures, chunks: Sequence[int], encoder: Encoder,
@@ -194,53 +202,59 @@ def _encode_chunks(dataset: PatchDataset, store: PartialFeatures, chunks: Sequen
 
 
 def _cache_key(encoder: Encoder, params: ExtractParams, coords_attrs: dict[str, Any]) -> str:
-    """Same coords + encoder + weights + transform (+ our code) → reuse (DESIGN §1)."""
+    """Same coords + encoder + weights + transform + precision (+ our code) → reuse."""
     pre = encoder.preprocess
-    return params_hash({"coords": coords_attrs.get("params_hash"), "slide": coords_attrs.get("slide_fingerprint"),
+    return params_hash({"coords": coords_attrs.get("cache_key"), "slide": coords_attrs.get("slide_fingerprint"),
                         "encoder": params.encoder, "weights": encoder.weights_sha256, "size": pre.input_size,
-                        "mean": pre.mean, "std": pre.std, "precision": params.precision, "code": _CODE})
+                        "mean": pre.mean, "std": pre.std, "precision": precision_name(params.precision, encoder.device),
+                        "code": _CODE})
 
 
-def slide_jobs(patch_dir: Path) -> list[SlideJob]:
+def slide_jobs(patch_set: PatchSet) -> list[SlideJob]:
     """Every slide the patch stage finished (manifest `done`), with its coords file."""
-    rows = [r for r in read_manifest(patch_dir / "manifest.csv") if r.get("status") == "done"]
-    return [SlideJob(r["slide_id"], Path(r["slide_path"]), patch_dir / "coords" / f"{r['slide_id']}.h5")
-            for r in rows]
+    rows = [r for r in read_manifest(patch_set.manifest) if r.get("status") == DONE]
+    return [SlideJob(r["slide_id"], Path(r["slide_path"]), patch_set.coords(r["slide_id"])) for r in rows]
 
 
 @dataclass
 class ExtractResult:
-    out_dir: Path
+    feature_set: FeatureSet
     outcomes: list[SlideOutcome]
 
+    @property
+    def out_dir(self) -> Path:
+        return self.feature_set.dir
 
-def extract(params: ExtractParams = ExtractParams(), *, out: str | Path | None = None, shard: str | None = None,
-            force: bool = False, slide_ids: Sequence[str] | None = None,
+
+def extract(params: ExtractParams = ExtractParams(), *, out: str | Path | Layout | None = None,
+            shard: str | None = None, force: bool = False, slide_ids: Sequence[str] | None = None,
             on_done: Callable[[SlideOutcome], None] | None = None,
             on_patches: Callable[[str, int, int], None] | None = None) -> ExtractResult:
     """Encode every patched slide into `<out>/features/<patch config>/<feature set>/`.
 
     Callable from Python exactly as `wsip extract`; `slide_ids` restricts the run (used by `wsip predict`).
+    The feature set's `params.json` records the extract params, the weights' sha256 and the patch params,
+    so the set describes itself wherever the workspace is moved.
     """
-    bad = set(params.formats) - {"h5", "pt"}
-    if bad or not params.formats:
-        raise UserError(f"--format {','.join(params.formats)}: choose h5, pt or h5,pt")
-    patch_dir = pick_patch_config(workspace_root(out), params.patches)
+    params.validate()
+    layout = out if isinstance(out, Layout) else Layout.at(out)
+    patch_set = pick_patch_set(layout, params.patches)
     device = resolve_device(params.device)
-    autocast_dtype(params.precision, device)  # validate before loading anything
     encoder = create_encoder(params.encoder, params.weights, device=device)
     encoder.module.to(memory_format=torch.channels_last)  # ~1.4× faster convolutions on CPU and GPU
-    out_dir = patch_dir.parent.parent / "features" / patch_dir.name / feature_set_name(
-        params.encoder, params.weights, encoder.weights_sha256)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "params.json", {**asdict(params), "weights_sha256": encoder.weights_sha256,
-                                                "patch_config": patch_dir.name, "patch_dir": str(patch_dir),
-                                                "dim": encoder.dim})
-    jobs = slide_jobs(patch_dir)
+    feature_set = layout.feature_set(patch_set.name, feature_set_name(params.encoder, params.weights,
+                                                                      encoder.weights_sha256))
+    jobs = slide_jobs(patch_set)
     if slide_ids is not None:
         jobs = [j for j in jobs if j.slide_id in set(slide_ids)]
     jobs = take_shard(jobs, parse_shard(shard), key=lambda j: j.slide_id)
-    job = partial(extract_slide, encoder=encoder, params=params, out_dir=out_dir, force=force, on_patches=on_patches)
-    outcomes = cohort.run_cohort(job, jobs, slide_id=lambda j: j.slide_id, lock_dir=out_dir / ".locks",
-                                 manifest=out_dir / "manifest.csv", columns=MANIFEST_COLUMNS, on_done=on_done)
-    return ExtractResult(out_dir, outcomes)
+    feature_set.dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(*feature_set.output_dirs())
+    write_json_if_changed(feature_set.params, {
+        **asdict(params), "weights_sha256": encoder.weights_sha256, "dim": encoder.dim,
+        "patch_config": patch_set.name, "patch_params": json.loads(patch_set.params.read_text())})
+    job = partial(extract_slide, encoder=encoder, params=params, feature_set=feature_set, force=force,
+                  on_patches=on_patches)
+    outcomes = runner.run_cohort(job, jobs, slide_id=lambda j: j.slide_id, lock_dir=feature_set.locks,
+                                 manifest=feature_set.manifest, columns=MANIFEST_COLUMNS, on_done=on_done)
+    return ExtractResult(feature_set, outcomes)

@@ -1,0 +1,72 @@
+"""Patch encoders: a small timm-style registry (one `EncoderSpec` per encoder, one `create_encoder`).
+
+Each spec carries what its weights were trained with (input size, mean/std) and what it outputs (dim, how
+the feature is taken), so the extract stage never guesses (`spec.py`, `zoo.py`). Each `Encoder` records
+the sha256 of the weights it actually loaded, because features from different weights must never be mixed
+(`weights.py`: caches, downloads, checkpoint key maps).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from wsi_pipeline.models.encoders.spec import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LUNIT_MEAN,
+    LUNIT_STD,
+    LUNIT_VIT_S16_URL,
+    Encoder,
+    EncoderSpec,
+    Preprocess,
+)
+from wsi_pipeline.models.encoders.weights import (
+    EncoderError,
+    WeightsFormatError,
+    WeightsUnavailableError,
+    fetch_pretrained,
+    load_weights,
+    map_checkpoint_keys,
+    read_state_dict,
+)
+from wsi_pipeline.models.encoders.zoo import get_spec, list_encoders
+from wsi_pipeline.workspace.files import file_sha256
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "LUNIT_MEAN", "LUNIT_STD", "LUNIT_VIT_S16_URL", "Encoder", "EncoderError",
+    "EncoderSpec", "Preprocess", "WeightsFormatError", "WeightsUnavailableError", "create_encoder", "get_spec",
+    "list_encoders", "load_weights", "map_checkpoint_keys",
+]
+
+
+def create_encoder(
+    name: str, weights: str | os.PathLike = "pretrained", *, device: str | torch.device = "cpu", seed: int = 0
+) -> Encoder:
+    """Build encoder ``name`` with ``weights``: "pretrained" (hub/URL, cached), "random", or a file path.
+
+    The module is always built under ``seed`` (without touching the global RNG), so ``random`` gives the
+    same features in every run; its ``weights_sha256`` is the marker ``random:<seed>``.
+    """
+    spec = get_spec(name)
+    path = None
+    if str(weights) == "pretrained":
+        path = fetch_pretrained(spec.name, spec.weights_source)  # before building: fail fast, no wasted init
+    elif str(weights) != "random":
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsUnavailableError(f"--weights {path}: file not found (pass a state dict file, pretrained "
+                                          "or random)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = spec.builder()
+    if path is None:
+        sha256 = f"random:{seed}"
+    else:
+        load_weights(module, read_state_dict(path), classifier_prefix=spec.classifier_prefix)
+        sha256 = file_sha256(path)
+    device = torch.device(device)
+    module = module.to(device).eval().requires_grad_(False)
+    return Encoder(module=module, spec=spec, weights_sha256=sha256, device=device)

@@ -1,0 +1,94 @@
+"""What an encoder is: its spec (architecture, weights source, input size, mean/std, dim) and the loaded
+`Encoder` that the extract stage runs. After timm: every pretrained model carries its data config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Triple = tuple[float, float, float]
+
+IMAGENET_MEAN: Triple = (0.485, 0.456, 0.406)
+IMAGENET_STD: Triple = (0.229, 0.224, 0.225)
+LUNIT_MEAN: Triple = (0.70322989, 0.53606487, 0.66096631)
+LUNIT_STD: Triple = (0.21716536, 0.26081574, 0.20723464)
+LUNIT_VIT_S16_URL = (
+    "https://github.com/lunit-io/benchmark-ssl-pathology/releases/download/pretrained-weights/"
+    "dino_vit_small_patch16_ep200.torch"
+)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What the extract stage must do to patches before ``Encoder.forward``: resize to ``input_size``
+    (square), scale to [0, 1], normalise with ``mean``/``std``."""
+
+    input_size: int
+    mean: Triple
+    std: Triple
+
+    def normalize(self, batch_uint8: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 -> normalised float32, with the constants these weights were trained with."""
+        mean = torch.tensor(self.mean, device=batch_uint8.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=batch_uint8.device).view(1, 3, 1, 1)
+        return (batch_uint8.float() / 255.0 - mean) / std
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything needed to build an encoder and feed it; the weights themselves are fetched separately."""
+
+    name: str
+    builder: Callable[[], nn.Module]  # builds the bare timm module (random init, no classifier)
+    weights_source: str | None  # "hf-hub:<repo id>" or an http(s) URL; None: no pretrained weights
+    dim: int
+    features: str  # how the feature vector is taken, for the record: "avgpool", "cls", "timm-default"
+    classifier_prefix: str  # classifier keys in checkpoints, dropped: the encoder has no classifier
+    input_size: int = 224
+    mean: Triple = IMAGENET_MEAN
+    std: Triple = IMAGENET_STD
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(self.input_size, self.mean, self.std)
+
+
+@dataclass(frozen=True, eq=False)
+class Encoder:
+    """An eval-mode encoder with its spec and the identity (sha256) of the weights it holds."""
+
+    module: nn.Module
+    spec: EncoderSpec
+    weights_sha256: str
+    device: torch.device
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.spec.preprocess
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, dim) features, S = ``preprocess.input_size``.
+
+        Float input must already be normalised (the extract stage does it, fused with its resize); uint8
+        input is normalised here. The size is checked because a wrong size runs fine on a CNN but
+        silently gives features that do not match the weights' training scale.
+        """
+        size = self.spec.input_size
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, size, size):
+            raise ValueError(f"{self.spec.name} expects (B, 3, {size}, {size}), got {tuple(batch.shape)}")
+        batch = batch.to(self.device, non_blocking=True)
+        if batch.dtype == torch.uint8:
+            batch = self.preprocess.normalize(batch)
+        elif not batch.is_floating_point():
+            raise TypeError(f"expected a uint8 or float batch, got {batch.dtype}")
+        with torch.inference_mode():
+            return self.module(batch)
+
+    __call__ = forward

@@ -1,0 +1,9 @@
+"""Slide-level MIL models (GMMamba and baselines) behind one `create_model`, as in timm.
+
+One module per model; `registry.py` maps names to modules and imports a model's module only when it is
+created, so importing this package costs nothing (the CLI starts without torch).
+"""
+
+from wsi_pipeline.models.mil.registry import create_model, list_models, model_options, register_model
+
+__all__ = ["create_model", "list_models", "model_options", "register_model"]

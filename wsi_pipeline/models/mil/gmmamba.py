@@ -1,0 +1,212 @@
+"""GMMamba: location-grouped, intra-group masked BiMamba MIL (ICCV 2025), per docs/gmmamba.md §1–§7.
+
+Forward pass for one bag (§10): LG groups (K-Means on coords, §2) -> IMM on each group at its own length
+(never padded together: padding would change the reverse scan, §8) -> CSS across the group vectors (§5)
+-> class-token MHSA and a Linear head (§6).
+
+Options and the quirks they keep (defaults = the released code, resolved as in §12):
+- ``mask_ratio=0.2``; ``min_one_masked=True`` drops at least one instance per group even at ratio 0
+  (§12.2); at least one instance is always kept.
+- ``learnable_mask=False``: the mask scorer is never trained (§4); True gives it a gradient (see IMM).
+- ``cls_layers=1``: class-token layers; > 1 works (the released code crashes, §12.15).
+- ``mamba_native_init=False``: Xavier re-init of every IMM Linear incl. inside the BiMambas, dt bias -> 0
+  (§7, §12.11); True keeps Mamba's own init inside the BiMambas.
+- ``grouping="kmeans"``, ``n_groups=10``: the LG grouping and its Table 6 ablations (grouping.py).
+- ``d_model=512``: width of everything after the input projection; only the tests shrink it for speed.
+
+Per-instance attention (heatmaps): instance i of group g gets ``Q_g · α_gi``: its weight in the
+cross-group context vector ``f_ca = Σ_g Q_g f_gr^g = Σ_g Σ_i Q_g α_gi v_gi`` (Eq 9), which every row of
+F_sgr carries. It sums to 1 over the bag; masked instances get exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from wsi_pipeline.models.mil.grouping import Grouping, group_cache_key, make_groups
+from wsi_pipeline.models.mil.pooling import AttentionScorer, attention_pool, check_bag
+from wsi_pipeline.models.mil.registry import register_model
+from wsi_pipeline.models.ssm.bimamba import BiMamba, xavier_reinit_
+
+
+def mask_count(m: int, mask_ratio: float, *, min_one_masked: bool = True) -> int:
+    """Instances to drop from a group of ``m`` (§4.3, §12.2): ⌊ratio·m⌋, ≥ 1 if asked, always ≤ m − 1."""
+    k = math.floor(mask_ratio * m)
+    if min_one_masked:
+        k = max(1, k)
+    return min(k, m - 1)
+
+
+class IMM(nn.Module):
+    """Intra-group masking Mamba (§4), applied to one group X of shape (M, d).
+
+    r1 = X + BiMamba1(LN_a(X)); score r1 with an attention MLP on LN_s(r1); drop the k lowest (hard
+    sort); keep the survivors of the un-normalised r1 in original order; r2 = r1' + BiMamba2(LN_b(r1'));
+    v = LN_s(r2) (the same LN_s); attention-pool v.
+
+    The released code's selection carries no gradient, so the mask scorer stays at its init; by default
+    the scores are computed under ``no_grad`` to make that explicit. With ``learnable_mask=True`` the
+    survivors are multiplied by a straight-through gate ``exp(log p_i − stopgrad(log p_i))``,
+    p = softmax(scores): exactly 1 in the forward pass (outputs are unchanged), while the backward pass
+    gives the scores the gradient of a soft, score-weighted selection (∂gate_i/∂s_j = δ_ij − p_j).
+    """
+
+    def __init__(
+        self, d_model: int, *, mask_ratio: float, min_one_masked: bool, learnable_mask: bool,
+        d_state: int, d_conv: int, expand: int,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        self.mask_ratio, self.min_one_masked, self.learnable_mask = mask_ratio, min_one_masked, learnable_mask
+        mamba = {"d_model": d_model, "d_state": d_state, "d_conv": d_conv, "expand": expand}
+        self.ln_a, self.ln_b, self.ln_s = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.mamba1, self.mamba2 = BiMamba(**mamba), BiMamba(**mamba)
+        self.mask_scorer = AttentionScorer(d_model, 128)
+        self.pool_scorer = AttentionScorer(d_model, 128)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, d) -> group vector f_gr (d,) and attention (M,): α on survivors, exactly 0 on dropped."""
+        r1 = x[None] + self.mamba1(self.ln_a(x[None]))
+        keep, gate = self._survivors(r1[0])
+        kept = r1[:, keep] if gate is None else r1[:, keep] * gate[keep, None]
+        r2 = kept + self.mamba2(self.ln_b(kept))
+        v = self.ln_s(r2[0])
+        f, alpha = attention_pool(v, self.pool_scorer(v))
+        return f, alpha.new_zeros(x.shape[0]).index_copy(0, keep, alpha)
+
+    def _survivors(self, r1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Ascending indices of the kept instances, and the straight-through gate when learnable."""
+        m = r1.shape[0]
+        k = mask_count(m, self.mask_ratio, min_one_masked=self.min_one_masked)
+        with torch.set_grad_enabled(self.learnable_mask and torch.is_grad_enabled()):
+            scores = self.mask_scorer(self.ln_s(r1))
+        ascending = torch.sort(scores.detach(), stable=True).indices
+        keep = torch.sort(ascending[k:]).values
+        if not self.learnable_mask:
+            return keep, None
+        log_p = torch.log_softmax(scores, dim=0)
+        return keep, torch.exp(log_p - log_p.detach())
+
+
+class CrossGroupSampling(nn.Module):
+    """CSS (§5): CMax, unscaled association Q, parameter-free CCA, bias-free MHA; F_sgr = f_ca + Q_g f_mha."""
+
+    def __init__(self, d_model: int, n_heads: int = 8) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(d_model, n_heads, dropout=0.0, bias=False, batch_first=True)
+
+    def forward(self, f_gr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G, d) group vectors -> F_sgr (G, d) and Q (G,)."""
+        f_max = f_gr.max(0).values  # Eq 8
+        q = torch.softmax(f_gr @ f_max, dim=0)  # Eq 11: raw dot product, no 1/√d, no projections
+        f_ca = q @ f_gr  # Eq 9
+        f_mha = self.mha(f_ca[None, None], f_gr[None], f_gr[None], need_weights=False)[0][0, 0]  # Eq 10
+        return f_ca + q[:, None] * f_mha, q  # Eq 12
+
+
+class ClassTokenLayer(nn.Module):
+    """T' = T + Dropout(proj(MHSA(T))), 8 heads, qkv without bias, dropout 0.1 on the attention (§6)."""
+
+    def __init__(self, d_model: int, n_heads: int = 8, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.attn_drop = nn.Dropout(dropout)
+        self.proj = nn.Linear(d_model, d_model)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        n, d = t.shape
+        q, k, v = self.qkv(t).view(n, 3, self.n_heads, d // self.n_heads).permute(1, 2, 0, 3)
+        attn = self.attn_drop(torch.softmax(q @ k.transpose(-1, -2) * (d // self.n_heads) ** -0.5, dim=-1))
+        out = (attn @ v).transpose(0, 1).reshape(n, d)
+        return t + self.proj_drop(self.proj(out))
+
+
+class ClassTokenAggregator(nn.Module):
+    """Prepend a N(0, 1) class token to F_sgr, run ``n_layers`` residual MHSA layers, return the token."""
+
+    def __init__(self, d_model: int, n_layers: int = 1) -> None:
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"cls_layers must be >= 1, got {n_layers}")
+        self.cls_token = nn.Parameter(torch.randn(1, d_model))
+        self.layers = nn.ModuleList(ClassTokenLayer(d_model) for _ in range(n_layers))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = torch.cat([self.cls_token, tokens])
+        for layer in self.layers:
+            t = layer(t)
+        return t[0]
+
+
+@register_model("gmmamba")
+class GMMamba(nn.Module):
+    def __init__(
+        self, in_dim: int, n_classes: int, *, d_model: int = 512, n_groups: int = 10,
+        grouping: Grouping = "kmeans", grouping_seed: int = 0, mask_ratio: float = 0.2,
+        min_one_masked: bool = True, learnable_mask: bool = False, cls_layers: int = 1,
+        mamba_native_init: bool = False, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+    ) -> None:
+        super().__init__()
+        self.grouping, self.n_groups, self.grouping_seed = grouping, n_groups, grouping_seed
+        self.group_cache_key = group_cache_key(grouping, n_groups, grouping_seed)
+        self.proj = _input_projection(in_dim, d_model)
+        self.imm = IMM(
+            d_model, mask_ratio=mask_ratio, min_one_masked=min_one_masked, learnable_mask=learnable_mask,
+            d_state=d_state, d_conv=d_conv, expand=expand,
+        )
+        self._init_imm(mamba_native_init)
+        self.css = CrossGroupSampling(d_model)
+        self.aggregator = ClassTokenAggregator(d_model, cls_layers)
+        self.head = nn.Linear(d_model, n_classes)
+
+    def _init_imm(self, mamba_native_init: bool) -> None:
+        """§7: the reference re-inits all of IMM (its unused ``_fc1``, our projection, included)."""
+        imm = self.imm
+        parts = [imm.ln_a, imm.ln_b, imm.ln_s, imm.mask_scorer, imm.pool_scorer] if mamba_native_init else [imm]
+        for part in [*parts, self.proj]:
+            xavier_reinit_(part)
+
+    def make_groups(self, features: np.ndarray | None, coords: np.ndarray) -> list[np.ndarray]:
+        """LG groups for one slide (§2); deterministic, so callers cache them under ``group_cache_key``.
+
+        ``features`` is read only by ``grouping="feature_kmeans"`` and may be None otherwise.
+        """
+        return make_groups(
+            coords, features, method=self.grouping, n_groups=self.n_groups, seed=self.grouping_seed
+        )
+
+    def forward(
+        self, features: torch.Tensor, coords: torch.Tensor, groups: list[Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) features, (N, 2) coords -> logits (1, C) and attention (N,) (module docstring)."""
+        check_bag(features)
+        if groups is None:
+            feats = features.detach().cpu().numpy() if self.grouping == "feature_kmeans" else None
+            groups = self.make_groups(feats, coords.detach().cpu().numpy())
+        x = self.proj(features)
+        index = [torch.as_tensor(g, dtype=torch.long, device=x.device) for g in groups]
+        if any(len(g) == 0 for g in index):
+            raise ValueError("every group must hold at least one instance")
+        pooled = [self.imm(x.index_select(0, idx)) for idx in index]  # each group at its own length
+        group_vectors = torch.stack([f for f, _ in pooled])
+        sampled, q = self.css(group_vectors)
+        logits = self.head(self.aggregator(sampled))[None]
+        weights = torch.cat([q[g] * alpha for g, (_, alpha) in enumerate(pooled)])
+        attn = weights.new_zeros(features.shape[0]).index_copy(0, torch.cat(index), weights)
+        return logits, attn
+
+
+def _input_projection(in_dim: int, d_model: int) -> nn.Module:
+    """§1: identity when D == d_model, else the reference's (unused) ``_fc1``: Linear + GELU + Dropout."""
+    if in_dim == d_model:
+        return nn.Identity()
+    return nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(0.25))
+

@@ -1,0 +1,98 @@
+"""MIL model registry: `create_model(name, in_dim, n_classes, **options)` in the style of timm.
+
+The CLI must start without importing torch, so the registry keeps a plain name → module table and imports
+a model's module only when that model is created; importing the module runs its `@register_model`
+decorator. A model is registered as its class: its keyword-only constructor parameters are its options, so
+an unknown name or option is a one-line `UnknownNameError` listing what exists.
+
+The contract every registered model keeps (the trainer and predictor rely on it)::
+
+    logits, attn = model(features, coords, groups=None)   # (1, C), (N,) or None
+    model.make_groups(features_np, coords_np)              # list[np.ndarray] | None
+    model.group_cache_key                                  # str | None, e.g. "kmeans_G10"
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from wsi_pipeline.errors import UnknownNameError
+
+# name -> module that defines (and registers) it. Lazy: nothing here is imported until create_model.
+_MODEL_MODULES: dict[str, str] = {
+    "gmmamba": "wsi_pipeline.models.mil.gmmamba",
+    "abmil": "wsi_pipeline.models.mil.abmil",
+    "transmil": "wsi_pipeline.models.mil.transmil",
+    "mambamil": "wsi_pipeline.models.mil.mambamil",
+    "mean": "wsi_pipeline.models.mil.pooling",
+    "max": "wsi_pipeline.models.mil.pooling",
+}
+
+_BUILDERS: dict[str, Callable[..., Any]] = {}
+M = TypeVar("M", bound=Callable[..., Any])
+
+
+def register_model(name: str, **fixed: Any) -> Callable[[M], M]:
+    """Register model class `cls(in_dim, n_classes, *, **options)` under `name`; `fixed` options are
+    bound for this name (e.g. `mode="mean"`) and are not user options."""
+
+    def decorator(cls: M) -> M:
+        if name not in _MODEL_MODULES:
+            raise KeyError(f"model {name!r} is registered but missing from the lazy table in registry.py")
+        _BUILDERS[name] = (lambda **kw: cls(**kw, **fixed)) if fixed else cls
+        _OPTIONS[name] = [p for p in _keyword_options(cls) if p not in fixed]
+        return cls
+
+    return decorator
+
+
+_OPTIONS: dict[str, list[str]] = {}
+
+
+def _keyword_options(cls: Callable[..., Any]) -> list[str]:
+    params = inspect.signature(cls).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`, sorted."""
+    return sorted(_MODEL_MODULES)
+
+
+def _load(name: str) -> None:
+    if name not in _MODEL_MODULES:
+        raise UnknownNameError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    importlib.import_module(_MODEL_MODULES[name])
+
+
+def model_options(name: str) -> list[str]:
+    """The options model `name` accepts (its keyword-only constructor parameters)."""
+    _load(name)
+    return list(_OPTIONS[name])
+
+
+def create_model(name: str, in_dim: int, n_classes: int, **options: Any) -> Any:
+    """Build MIL model `name` for `in_dim`-d instance features and `n_classes` classes.
+
+    `options` are the model's keyword options (e.g. `mask_ratio=0.1` for GMMamba); an unknown one is an
+    `UnknownNameError` naming the allowed ones, never silently ignored.
+    """
+    _load(name)
+    unknown = sorted(set(options) - set(_OPTIONS[name]))
+    if unknown:
+        raise UnknownNameError(f"model {name!r} has no option(s) {', '.join(unknown)}; its options: "
+                               f"{', '.join(_OPTIONS[name]) or 'none'}")
+    return _BUILDERS[name](in_dim=in_dim, n_classes=n_classes, **options)
+
+
+class GrouplessMixin:
+    """Default half of the contract for models that need no instance groups (all baselines)."""
+
+    group_cache_key: str | None = None
+
+    def make_groups(self, features: Any, coords: Any) -> None:
+        """Baselines see the bag as one set: no groups to compute or cache."""
+        return None

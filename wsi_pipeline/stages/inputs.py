@@ -1,0 +1,86 @@
+"""Which slides a command works on: files, folders and slide CSVs, turned into `SlideSource`s."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from wsi_pipeline.errors import InputError
+from wsi_pipeline.slide import is_slide_file
+
+
+@dataclass(frozen=True)
+class SlideSource:
+    """One slide to process (absolute path) with its optional per-slide MPP override (a CSV `mpp` column)."""
+
+    path: Path
+    mpp: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path).expanduser().absolute())
+
+    @property
+    def slide_id(self) -> str:
+        """File name without extension (CLAM/TRIDENT convention): outputs are named by it."""
+        return self.path.stem
+
+
+def _csv_mpp(text: str, where: str) -> float | None:
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"{where}: mpp {text!r} is not a positive number of µm per pixel (e.g. 0.25 or 0.5)")
+    return value
+
+
+def _read_slide_csv(path: Path) -> list[SlideSource]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if "slide_path" not in (reader.fieldnames or []):
+            raise InputError(f"{path}: a slide CSV needs a `slide_path` column (optional: `mpp`)")
+        sources = []
+        for line, row in enumerate(reader, start=2):
+            slide_path = Path((row["slide_path"] or "").strip())
+            if not slide_path.is_absolute():
+                slide_path = path.parent / slide_path
+            sources.append(SlideSource(slide_path, _csv_mpp((row.get("mpp") or "").strip(), f"{path}:{line}")))
+    return sources
+
+
+def resolve_inputs(inputs: Iterable[str | os.PathLike[str]], *, mpp: float | None = None) -> list[SlideSource]:
+    """Files, folders (recursing over known WSI extensions) or CSVs with `slide_path`[, `mpp`] → slides.
+
+    `mpp` (the `--mpp` flag) applies to slides without a CSV value. A path given on the command line that
+    does not exist is an input error; a CSV row naming a missing file fails that slide only. Duplicate
+    slide ids are an error, since every output is named by slide id.
+    """
+    inputs = list(inputs)
+    sources: list[SlideSource] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            sources += [SlideSource(p) for p in sorted(item.rglob("*")) if p.is_file() and is_slide_file(p)]
+        elif item.suffix.lower() == ".csv" and item.is_file():
+            sources += _read_slide_csv(item)
+        elif item.exists():
+            sources.append(SlideSource(item))
+        else:
+            raise InputError(f"{item}: no such file or folder (check the path)")
+    sources = [SlideSource(s.path, s.mpp if s.mpp is not None else mpp) for s in sources]
+    seen: dict[str, Path] = {}
+    for s in sources:
+        if s.slide_id in seen and seen[s.slide_id] != s.path:
+            raise InputError(f"two slides share the id {s.slide_id!r}: {seen[s.slide_id]} and {s.path}; "
+                             "rename one (outputs are named by file name without extension)")
+        seen[s.slide_id] = s.path
+    unique = {s.slide_id: s for s in sources}
+    if not unique:
+        raise InputError("no slides found in " + ", ".join(map(str, inputs)))
+    return list(unique.values())

@@ -1,0 +1,154 @@
+"""`wsip patch`: tissue segmentation + a patch grid at a physical magnification.
+
+Per slide: plan the read (level, size) from MPP (`grid.plan_read`), segment tissue at ~8 µm/px
+(`segment`), lay the grid in level-0 px and keep patches with enough tissue (`grid.tissue_grid`), then
+write the CLAM+TRIDENT compatible coords h5, a QC jpg (`qc`) and a manifest row. See docs/design.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from wsi_pipeline import slide as slide_module
+from wsi_pipeline.slide import Slide
+from wsi_pipeline.stages import runner
+from wsi_pipeline.stages.inputs import SlideSource
+from wsi_pipeline.stages.patch import grid, qc, segment
+from wsi_pipeline.stages.patch.grid import ReadPlan, plan_read, tissue_grid
+from wsi_pipeline.stages.patch.params import PatchParams
+from wsi_pipeline.stages.patch.segment import SegmentParams, segment_tissue
+from wsi_pipeline.stages.runner import SlideOutcome
+from wsi_pipeline.units import magnification_for_mpp
+from wsi_pipeline.workspace import coords_store
+from wsi_pipeline.workspace.coords_store import coords_are_current, write_coords
+from wsi_pipeline.workspace.files import (
+    code_digest,
+    file_fingerprint,
+    params_hash,
+    remove_stale_temps,
+    write_json_if_changed,
+)
+from wsi_pipeline.workspace.layout import Layout, PatchSet
+from wsi_pipeline.workspace.shards import parse_shard, take_shard
+
+__all__ = ["PatchParams", "PatchResult", "SegmentParams", "patch", "patch_slide", "plan_read"]
+
+MANIFEST_COLUMNS = ("slide_id", "slide_path", "status", "n_patches", "mpp", "mpp_source", "read_level",
+                    "read_size", "seconds", "error", "segment_s", "grid_s", "write_s")
+# Every module whose behaviour decides the coords: changing any of them invalidates cached coords.
+_CODE = code_digest(__file__, grid.__file__, segment.__file__, qc.__file__, coords_store.__file__,
+                    slide_module.__file__)
+
+
+@dataclass
+class PatchResult:
+    """Per-slide outcomes plus the patch set they went to."""
+
+    patch_set: PatchSet
+    outcomes: list[SlideOutcome]
+
+    @property
+    def out_dir(self) -> Path:
+        return self.patch_set.dir
+
+
+def slide_key(params: PatchParams, source: SlideSource) -> str:
+    """Cache key of one slide's coords: all params, the per-slide MPP override and our code digest."""
+    return params_hash({"params": asdict(params), "mpp": source.mpp, "code": _CODE})
+
+
+def _h5_attrs(slide: Slide, plan: ReadPlan, params: PatchParams, key: str, fingerprint: str) -> dict[str, Any]:
+    level_w, level_h = slide.level_dimensions[plan.read_level]
+    return {
+        # CLAM
+        "patch_size": int(plan.read_size), "patch_level": int(plan.read_level),
+        "downsample": [plan.level_downsample] * 2, "level_dim": [level_w, level_h],
+        "downsampled_level_dim": [level_w, level_h], "name": slide.slide_id,
+        # TRIDENT
+        "patch_size_level0": int(plan.patch_size_level0), "target_magnification": float(params.magnification_x),
+        "level0_magnification": float(slide.objective_power or magnification_for_mpp(plan.slide_mpp)),
+        "overlap": int(params.overlap_px), "level0_width": int(slide.dimensions[0]),
+        "level0_height": int(slide.dimensions[1]),
+        # ours
+        "target_mpp": float(plan.target_mpp), "slide_mpp": float(plan.slide_mpp),
+        "read_level": int(plan.read_level), "read_size": int(plan.read_size),
+        "output_size": int(params.patch_size_px), "mpp_source": plan.mpp_source,
+        "cache_key": key, "slide_fingerprint": fingerprint,
+    }
+
+
+def patch_slide(source: SlideSource, *, params: PatchParams, patch_set: PatchSet, force: bool = False
+                ) -> SlideOutcome:
+    """Patch one slide; the unit `run_cohort` parallelises. Raises on unreadable slides (recorded there).
+
+    Coords made from an older version of the file (or other settings) are removed before anything is read:
+    if the slide now fails, nothing derived from its previous version stays usable.
+    """
+    coords_path = patch_set.coords(source.slide_id)
+    key, fingerprint = slide_key(params, source), file_fingerprint(source.path)
+    if not force and coords_are_current(coords_path, key, fingerprint):
+        return SlideOutcome(source.slide_id, runner.CACHED)
+    coords_path.unlink(missing_ok=True)
+    timings: dict[str, float] = {}
+    with Slide(source.path, mpp=source.mpp) as slide:
+        plan = plan_read(slide, params)
+        t = time.perf_counter()
+        sharper = qc.qc_read(slide, params.segment.seg_mpp)
+        tissue = segment_tissue(slide, params.segment, user_mask=_user_mask(params.masks, source.slide_id),
+                                sharper=sharper)
+        timings["segment_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        coords = tissue_grid(tissue, plan, slide.dimensions, params.min_tissue_fraction)
+        timings["grid_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        qc.write_qc(patch_set.qc(source.slide_id), slide, tissue, coords, plan.patch_size_level0, sharper)
+        row = {"n_patches": len(coords), "mpp": f"{plan.slide_mpp:.4f}", "mpp_source": plan.mpp_source,
+               "read_level": plan.read_level, "read_size": plan.read_size}
+        if len(coords) == 0:
+            return SlideOutcome(source.slide_id, runner.NO_TISSUE, row,
+                                f"no tissue found ({tissue.tissue_area_um2 / 1e6:.3f} mm² detected); check the "
+                                "QC image, or lower --min-tissue / pass a mask")
+        write_coords(coords_path, coords, _h5_attrs(slide, plan, params, key, fingerprint))
+        timings["write_s"] = time.perf_counter() - t
+    row.update({k: f"{v:.3f}" for k, v in timings.items()})
+    return SlideOutcome(source.slide_id, runner.DONE, row)
+
+
+def _user_mask(folder: Path | None, slide_id: str) -> Path | None:
+    if folder is None:
+        return None
+    for suffix in (".geojson", ".json", ".png"):
+        if (candidate := folder / f"{slide_id}{suffix}").exists():
+            return candidate
+    return None
+
+
+def patch(
+    slides: Sequence[SlideSource],
+    params: PatchParams = PatchParams(),
+    *,
+    out: str | Path | Layout | None = None,
+    workers: int = 1,
+    shard: str | None = None,
+    force: bool = False,
+    on_done: Callable[[SlideOutcome], None] | None = None,
+) -> PatchResult:
+    """Patch a cohort into `<out>/patches/<config>/`; callable from Python exactly as `wsip patch`."""
+    params.validate()
+    layout = out if isinstance(out, Layout) else Layout.at(out)
+    patch_set = layout.patch_set(params.config_name())
+    items = take_shard(slides, parse_shard(shard), key=lambda s: s.slide_id)
+    patch_set.dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(*patch_set.output_dirs())
+    write_json_if_changed(patch_set.params, {**params.to_dict(), "config": patch_set.name})
+    outcomes = runner.run_cohort(
+        partial(patch_slide, params=params, patch_set=patch_set, force=force), items,
+        slide_id=lambda s: s.slide_id, lock_dir=patch_set.locks, manifest=patch_set.manifest,
+        columns=MANIFEST_COLUMNS, workers=workers, on_done=on_done,
+    )
+    return PatchResult(patch_set, outcomes)

@@ -1,0 +1,57 @@
+"""`PatchParams`: everything that decides which patches a slide gets, and the config folder it names."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsi_pipeline.errors import InputError
+from wsi_pipeline.stages.patch.segment import SegmentParams
+from wsi_pipeline.workspace.files import params_hash
+
+
+@dataclass(frozen=True)
+class PatchParams:
+    """All of it, plus a digest of the patching code, is the coords' cache key."""
+
+    magnification_x: float = 20.0  # target magnification: 20 → 0.5 µm/px, 10 → 1.0
+    patch_size_px: int = 256  # patch side at the target magnification
+    overlap_px: int = 0  # shared by neighbouring patches, at the target magnification
+    min_tissue_fraction: float = 0.25  # a patch is kept when at least this much of it is tissue
+    allow_upsample: bool = False
+    segment: SegmentParams = field(default_factory=SegmentParams)
+    masks: Path | None = None  # folder of <slide_id>.geojson / <slide_id>.png user masks
+
+    def validate(self) -> None:
+        """Each bad value is a one-line error naming its flag."""
+        if not self.magnification_x > 0:
+            raise InputError(f"--mag must be a positive magnification (e.g. 20 or 10), got {self.magnification_x:g}")
+        if self.patch_size_px < 1:
+            raise InputError(f"--patch-size must be at least 1 px, got {self.patch_size_px}")
+        if not 0 <= self.overlap_px < self.patch_size_px:
+            raise InputError(f"--overlap must be in [0, patch size {self.patch_size_px}), got {self.overlap_px}")
+        if not 0 <= self.min_tissue_fraction <= 1:
+            raise InputError(f"--min-tissue must be in [0, 1], got {self.min_tissue_fraction}")
+        if self.masks is not None and not Path(self.masks).is_dir():
+            raise InputError(f"--masks {self.masks}: no such folder (one <slide_id>.geojson or .png per slide)")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PatchParams:
+        """Rebuild from a recorded `params.json` (what `wsip predict` does to patch a new slide like the cohort)."""
+        known = set(cls.__dataclass_fields__)
+        values = {k: v for k, v in data.items() if k in known}
+        values["segment"] = SegmentParams(**values.get("segment", {}))
+        values["masks"] = Path(values["masks"]) if values.get("masks") else None
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "masks": str(self.masks) if self.masks else None}
+
+    def config_name(self) -> str:
+        """`20x_256px_0px`; a short hash suffix when any other knob differs from its default."""
+        base = f"{self.magnification_x:g}x_{self.patch_size_px}px_{self.overlap_px}px"
+        main = ("magnification_x", "patch_size_px", "overlap_px")
+        extra = {k: v for k, v in asdict(self).items() if k not in main}
+        default = {k: v for k, v in asdict(PatchParams()).items() if k in extra}
+        return base if extra == default else f"{base}_{params_hash(extra)[:6]}"

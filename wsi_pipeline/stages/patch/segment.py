@@ -1,0 +1,162 @@
+"""Tissue segmentation (docs/design.md §6): fast, CPU-only, no weights, thresholds in physical units.
+
+At ~8 µm/px: HSV saturation → median blur → Otsu (floored, so an empty glass slide stays empty) →
+morphological close → contours with holes → area filters in µm². Optional: black-artefact and pen-mark
+removal, and a user mask (QuPath GeoJSON polygons in level-0 px, or a PNG) that restricts the tissue.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from wsi_pipeline.slide import Slide, SlideError
+from wsi_pipeline.units import MPP, Microns, SquareMicrons
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """Knobs of the tissue detector; areas and lengths are physical so they mean the same at every scan."""
+
+    seg_mpp: MPP = MPP(8.0)
+    saturation_threshold: int | None = None  # None: Otsu, floored at `min_saturation`
+    min_saturation: int = 15
+    median_blur_um: Microns = Microns(56.0)
+    close_um: Microns = Microns(64.0)
+    min_region_um2: SquareMicrons = SquareMicrons(50_000.0)  # 0.05 mm²: drops dust and debris
+    min_hole_um2: SquareMicrons = SquareMicrons(20_000.0)  # smaller holes are filled
+    remove_black: bool = True  # folds, marker ink, scanner edges (value < 50)
+    remove_pen: bool = False  # blue/green pen marks (strongly saturated, hue 90–150°)
+
+
+@dataclass
+class TissueMask:
+    """A binary mask at `downsample` × level 0, plus its contours in level-0 px (for QC and GeoJSON)."""
+
+    mask: np.ndarray  # uint8 {0, 255}, (h, w)
+    downsample: float  # level-0 px per mask px
+    image: np.ndarray  # the RGB image the mask was computed on (QC background)
+    contours: list[np.ndarray] = field(default_factory=list)  # outer contours, level-0 px, (k, 2)
+    holes: list[np.ndarray] = field(default_factory=list)
+    tissue_area_um2: float = 0.0
+
+
+def _odd(n: float) -> int:
+    k = max(1, int(round(n)))
+    return k if k % 2 else k + 1
+
+
+def _saturation_mask(rgb: np.ndarray, params: SegmentParams, px_um: float) -> np.ndarray:
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    sat = cv2.medianBlur(hsv[..., 1], _odd(params.median_blur_um / px_um))
+    if params.saturation_threshold is not None:
+        thresh = params.saturation_threshold
+    else:
+        otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        thresh = max(int(otsu), params.min_saturation)
+    mask = (sat > thresh).astype(np.uint8) * 255
+    if params.remove_black:
+        mask[hsv[..., 2] < 50] = 0
+    if params.remove_pen:
+        hue = hsv[..., 0].astype(np.int32) * 2  # OpenCV hue is 0–179
+        mask[(hue >= 90) & (hue <= 150) & (hsv[..., 1] > 100)] = 0
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (_odd(params.close_um / px_um),) * 2)
+    return cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
+
+
+def _filter_regions(mask: np.ndarray, params: SegmentParams, px_area_um2: float
+                    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """Keep regions ≥ min_region_um2 with their holes ≥ min_hole_um2; return mask and contours (mask px)."""
+    contours, hierarchy = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    out = np.zeros_like(mask)
+    outers: list[np.ndarray] = []
+    holes: list[np.ndarray] = []
+    if hierarchy is None:
+        return out, outers, holes
+    hierarchy = hierarchy[0]
+    for i, contour in enumerate(contours):
+        if hierarchy[i][3] != -1:  # a hole; handled with its parent
+            continue
+        if cv2.contourArea(contour) * px_area_um2 < params.min_region_um2:
+            continue
+        outers.append(contour)
+        child = hierarchy[i][2]
+        while child != -1:
+            if cv2.contourArea(contours[child]) * px_area_um2 >= params.min_hole_um2:
+                holes.append(contours[child])
+            child = hierarchy[child][0]
+    cv2.drawContours(out, outers, -1, 255, thickness=cv2.FILLED)
+    cv2.drawContours(out, holes, -1, 0, thickness=cv2.FILLED)
+    return out, outers, holes
+
+
+def load_user_mask(path: Path, shape: tuple[int, int], downsample: float) -> np.ndarray:
+    """Rasterise a QuPath GeoJSON (polygons in level-0 px) or read a PNG mask, at the mask's resolution."""
+    h, w = shape
+    if path.suffix.lower() in (".geojson", ".json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SlideError(f"{path}: unreadable GeoJSON mask ({exc}); export it again from QuPath") from None
+        out = np.zeros((h, w), np.uint8)
+        for ring, fill in _geojson_rings(data):
+            pts = np.round(np.asarray(ring, dtype=np.float64)[:, :2] / downsample).astype(np.int32)
+            cv2.fillPoly(out, [pts], 255 if fill else 0)
+        return out
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise SlideError(f"{path}: unreadable mask image; use a PNG (non-zero = tissue) or a GeoJSON")
+    return (cv2.resize(image, (w, h), interpolation=cv2.INTER_NEAREST) > 0).astype(np.uint8) * 255
+
+
+def _geojson_rings(data: object) -> list[tuple[list, bool]]:
+    """(ring, is_outer) for every Polygon/MultiPolygon in a Feature, FeatureCollection, list or geometry."""
+    if isinstance(data, list):
+        return [r for item in data for r in _geojson_rings(item)]
+    if not isinstance(data, dict):
+        return []
+    if data.get("type") == "FeatureCollection":
+        return _geojson_rings(data.get("features", []))
+    if data.get("type") == "Feature":
+        return _geojson_rings(data.get("geometry"))
+    polygons = {"Polygon": [data.get("coordinates", [])], "MultiPolygon": data.get("coordinates", [])}
+    rings = []
+    for polygon in polygons.get(data.get("type"), []):
+        rings += [(ring, j == 0) for j, ring in enumerate(polygon)]
+    return rings
+
+
+def segment_tissue(slide: Slide, params: SegmentParams = SegmentParams(), *, user_mask: Path | None = None,
+                   sharper: np.ndarray | None = None) -> TissueMask:
+    """Segment tissue on a low-resolution read of the slide (the read dominates the cost).
+
+    `sharper`: the whole slide already read at a finer scale (the caller's QC image); it is area-resized
+    instead of reading the slide a second time.
+    """
+    mpp = slide.mpp
+    downsample = max(params.seg_mpp / mpp, 1.0)
+    if sharper is None:
+        image = slide.read_downsampled(downsample)
+    else:
+        w, h = slide.dimensions
+        size = (max(1, round(w / downsample)), max(1, round(h / downsample)))
+        image = cv2.resize(sharper, size, interpolation=cv2.INTER_AREA)
+    # the real scale of the image we got (rounding of its size)
+    downsample = slide.dimensions[0] / image.shape[1]
+    px_um = downsample * mpp
+    mask = _saturation_mask(image, params, px_um)
+    if user_mask is not None:
+        mask &= load_user_mask(user_mask, mask.shape, downsample)
+    mask, outers, holes = _filter_regions(mask, params, px_um * px_um)
+    return TissueMask(
+        mask=mask,
+        downsample=downsample,
+        image=image,
+        contours=[(c[:, 0, :] * downsample).astype(np.int64) for c in outers],
+        holes=[(c[:, 0, :] * downsample).astype(np.int64) for c in holes],
+        tissue_area_um2=float(np.count_nonzero(mask)) * px_um * px_um,
+    )

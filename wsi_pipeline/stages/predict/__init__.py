@@ -1,0 +1,122 @@
+"""`wsip predict`: new slides, end to end, exactly like the training cohort, cached.
+
+The run records how its features were made (`runs/<name>/features.json`: the patch and extract params and
+the weights' sha256). A new slide goes through the same `patch` and `extract` functions with those params,
+in the workspace's own `predictions/_slides/` (so a slide named like a training slide never touches the
+cohort's files), then through every fold's selected model. Fold probabilities are averaged; per-instance
+attention (masked instances: zero) becomes a heatmap. Outputs: `predictions/<run name>/<slide_id>.json`
+and `<slide_id>_heatmap.png`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from wsi_pipeline.device import resolve_device
+from wsi_pipeline.errors import UserError
+from wsi_pipeline.slide import Slide
+from wsi_pipeline.stages.extract import extract
+from wsi_pipeline.stages.inputs import SlideSource
+from wsi_pipeline.stages.patch import patch
+from wsi_pipeline.stages.predict.heatmap import render_heatmap
+from wsi_pipeline.stages.predict.models import find_run, load_fold_models, predict_bag, recorded_stage_params
+from wsi_pipeline.stages.runner import FAILED, FAILURES
+from wsi_pipeline.stages.train.splits import parse_splits_csv
+from wsi_pipeline.workspace.feature_store import feature_attrs, read_bag
+from wsi_pipeline.workspace.files import write_json_atomic
+from wsi_pipeline.workspace.layout import Layout, RunDir
+
+__all__ = ["PredictParams", "PredictResult", "SlidePrediction", "predict"]
+
+
+@dataclass(frozen=True)
+class PredictParams:
+    run: Path | str | None = None  # a runs/<name> folder or a run name; default: the newest trained run
+    fold: int | None = None  # one fold's model instead of the average of all folds
+    device: str = "auto"
+    heatmap: bool = True
+
+
+@dataclass
+class SlidePrediction:
+    slide_id: str
+    status: str  # "done" | "failed"
+    probabilities: dict[str, float] | None = None
+    predicted: str | None = None
+    json_path: Path | None = None
+    heatmap_path: Path | None = None
+    qc_path: Path | None = None
+    error: str = ""
+    note: str = ""  # e.g. a name shared with a training slide
+
+
+@dataclass
+class PredictResult:
+    run_dir: Path
+    classes: tuple[str, ...]
+    predictions: list[SlidePrediction]
+    out_dir: Path  # predictions/<run name>/
+
+
+def predict(slides: Sequence[SlideSource], params: PredictParams = PredictParams(), *,
+            out: str | Path | None = None) -> PredictResult:
+    """Predict each slide with a trained run; callable from Python exactly as `wsip predict`."""
+    layout = Layout.at(out)
+    run = find_run(layout, params.run)
+    device = resolve_device(params.device)
+    models = load_fold_models(run, params.fold, device)
+    classes = tuple(models[0][1]["model"]["classes"])
+    record, patch_params, extract_params = recorded_stage_params(run)
+    work = layout.prediction_slides()
+    patched = {o.slide_id: o for o in patch(slides, patch_params, out=work).outcomes}
+    extracted = extract(replace(extract_params, device=params.device), out=work,
+                        slide_ids=[s.slide_id for s in slides])
+    _check_same_features(extracted.feature_set.params, record)
+    failed = {o.slide_id: o.error for o in extracted.outcomes if o.status == FAILED}
+    out_dir = layout.predictions(run.name)
+    training_ids = _training_ids(run)
+    predictions = []
+    for source in slides:
+        sid = source.slide_id
+        error = patched[sid].error if patched[sid].status in FAILURES else failed.get(sid, "")
+        if error:
+            predictions.append(SlidePrediction(sid, "failed", error=error))
+            continue
+        h5_path = extracted.feature_set.h5(sid)
+        features, coords = read_bag(h5_path)
+        mean, attention, per_fold = predict_bag(models, features, coords, device)
+        note = (f"{sid} is also the name of a slide this run trained on; it was processed separately in "
+                f"{work.root}, the training files are untouched") if sid in training_ids else ""
+        result = {"slide_id": sid, "slide_path": str(source.path), "run": str(run.dir), "classes": list(classes),
+                  "probabilities": dict(zip(classes, mean.tolist(), strict=True)),
+                  "predicted": classes[int(np.argmax(mean))], "folds": [m["fold"] for _, m in models],
+                  "fold_probabilities": per_fold, "n_patches": len(features),
+                  "features": str(extracted.feature_set.dir), **({"note": note} if note else {})}
+        json_path = out_dir / f"{sid}.json"
+        write_json_atomic(json_path, result)
+        heatmap_path = None
+        if params.heatmap:
+            size0 = int(feature_attrs(h5_path)["patch_size_level0"])
+            with Slide(source.path, mpp=source.mpp) as slide:
+                heatmap_path = render_heatmap(slide, coords, size0, attention, out_dir / f"{sid}_heatmap.png")
+        predictions.append(SlidePrediction(sid, "done", result["probabilities"], result["predicted"], json_path,
+                                           heatmap_path, work.patch_set(patch_params.config_name()).qc(sid),
+                                           note=note))
+    return PredictResult(run.dir, classes, predictions, out_dir)
+
+
+def _check_same_features(params_json: Path, record: dict) -> None:
+    """The new slides' features must come from the very weights the run was trained on."""
+    made = json.loads(params_json.read_text())
+    if made.get("weights_sha256") != record.get("weights_sha256"):
+        raise UserError(f"{params_json.parent}: encoder weights {made.get('weights_sha256')} differ from the run's "
+                        f"({record.get('weights_sha256')}); pass the weights the run was trained with")
+
+
+def _training_ids(run: RunDir) -> set[str]:
+    return {r.slide_id for r in parse_splits_csv(run.splits).rows} if run.splits.is_file() else set()

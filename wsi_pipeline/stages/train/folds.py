@@ -1,0 +1,291 @@
+"""One cross-validation fold: GMMamba's training protocol (docs/gmmamba.md §8), resumable.
+
+Protocol, as the released code: one AdamW over all parameters (no groups, scheduler, clipping or AMP),
+one bag per optimiser step, bag-level cross-entropy, training order reshuffled every epoch. After each
+epoch (0-based) val is scored with F1 + AUC; for `epoch > select_after` a score strictly above the best
+so far selects the epoch: test is evaluated then, its metrics kept and `best.pt` saved, and the patience
+counter resets; any other epoch (the early ones included) increments the counter. Training stops once
+`counter >= patience and epoch > min_epochs`, or after `epochs`. The fold's result is the test metrics at
+the selected epoch. With a budget too small for any selection (`epochs <= select_after + 1`), the last
+epoch is taken instead and `metrics.json` says so (`"selection": "last_epoch"`).
+
+Reproducibility: fold k seeds python, numpy and torch with `seed + k` before building its model, so a
+fold's result does not depend on which folds ran before it in the same process. `last.pt`, written
+atomically after every epoch, holds everything the remaining epochs depend on (model, optimiser, the
+selection state, the log, the RNG states and the shuffle generator), so a resumed fold continues the
+exact run an uninterrupted one would have made.
+
+Checkpoints (`torch.load(path, weights_only=True)` reads both): `best.pt` = {"model_state": state_dict,
+"meta": {"model": {"name", "options", "in_dim", "classes"}, "fold", "epoch", "val_score", "run", "features",
+"seed"}}; rebuild with `create_model(name, in_dim=in_dim, n_classes=len(classes), **options)`. `last.pt` adds
+"optimizer", "rng" and "fold_state".
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsi_pipeline.models.mil import create_model
+from wsi_pipeline.stages.train.bags import Bag
+from wsi_pipeline.stages.train.config import OptimConfig
+from wsi_pipeline.stages.train.metrics import SCALARS, classification_metrics, selection_score
+from wsi_pipeline.workspace.files import atomic_write
+from wsi_pipeline.workspace.layout import FoldDir
+
+_FALLBACK_NOTE = "training ended before any epoch was eligible (epoch > select_after): last epoch used"
+EpochHook = Callable[[int, dict[str, Any]], None]  # (epoch, log row) after each finished epoch
+
+
+@dataclass(frozen=True)
+class FoldData:
+    """What a fold trains on: slide ids per partition, labels (class indices) and the loaded bags."""
+
+    train: Sequence[str]
+    val: Sequence[str]
+    test: Sequence[str]
+    labels: dict[str, int]
+    bags: dict[str, Bag]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the model; stored as `meta` in the checkpoints for `wsip predict`."""
+
+    name: str
+    options: dict[str, Any]
+    in_dim: int
+    classes: tuple[str, ...]
+
+    def build(self) -> torch.nn.Module:
+        return create_model(self.name, in_dim=self.in_dim, n_classes=len(self.classes), **self.options)
+
+
+@dataclass
+class FoldState:
+    """The selection state carried from epoch to epoch (and through `last.pt`)."""
+
+    epoch: int = -1  # last finished epoch
+    counter: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    best_val: dict[str, Any] | None = None
+    best_test: dict[str, Any] | None = None
+    best_test_probs: list[list[float]] | None = None
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+    def finished(self, optim: OptimConfig) -> bool:
+        early_stop = self.counter >= optim.patience and self.epoch > optim.min_epochs
+        return early_stop or self.epoch + 1 >= optim.epochs
+
+
+def run_fold(
+    fold: int,
+    data: FoldData,
+    *,
+    spec: ModelSpec,
+    optim: OptimConfig,
+    seed: int,
+    device: torch.device,
+    out: FoldDir,
+    meta: dict[str, Any],
+    on_epoch: EpochHook | None = None,
+) -> dict[str, Any]:
+    """Train fold `fold` to completion (resuming from `out.last` if present); return metrics.json.
+
+    `meta` (run name, features, seed, ...) is stored in the checkpoints next to the model spec.
+    """
+    seed_everything(seed + fold)
+    model = spec.build().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    shuffle = torch.Generator().manual_seed(seed + fold)
+    state = FoldState()
+    last_path = out.last
+    if last_path.is_file():
+        state = _restore(last_path, model, optimizer, shuffle)
+    meta = {**meta, "fold": fold, "model": asdict(spec)}
+
+    while not state.finished(optim):
+        epoch = state.epoch + 1
+        train_loss = train_epoch(model, optimizer, data, generator=shuffle, device=device)
+        val = classification_metrics([data.labels[s] for s in data.val], predict_probs(model, data, data.val, device))
+        score = selection_score(val)
+        selected = epoch > optim.select_after and score > state.best_score
+        if selected:
+            _select(state, model, data, epoch=epoch, score=score, val=val, device=device)
+            _save_checkpoint(out.best, model, {**meta, "epoch": epoch, "val_score": score})
+            state.counter = 0
+        else:
+            state.counter += 1
+        state.epoch = epoch
+        row = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": val[k] for k in SCALARS}}
+        state.log.append({**row, "val_score": score, "selected": int(selected)})
+        _save_last(last_path, model, optimizer, shuffle, state, meta)
+        _write_log(out.log, state.log)
+        if on_epoch is not None:
+            on_epoch(epoch, state.log[-1])
+    return _finish(state, model, data, spec=spec, device=device, out=out, meta=meta)
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: FoldData,
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+) -> float:
+    """One pass over the training bags in a freshly shuffled order; returns the mean loss."""
+    model.train()
+    total = 0.0
+    for i in torch.randperm(len(data.train), generator=generator).tolist():
+        slide_id = data.train[i]
+        bag = data.bags[slide_id]
+        logits, _ = model(bag.features.to(device), bag.coords.to(device), groups=bag.groups)
+        loss = F.cross_entropy(logits, torch.tensor([data.labels[slide_id]], device=device))
+        optimizer.zero_grad(set_to_none=True)  # None, not 0: AdamW then skips never-used params (docs/gmmamba.md §4)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+    return total / len(data.train)
+
+
+@torch.inference_mode()
+def predict_probs(model: torch.nn.Module, data: FoldData, ids: Sequence[str], device: torch.device) -> np.ndarray:
+    """Class probabilities (len(ids), C) in eval mode."""
+    model.eval()
+    probs = []
+    for slide_id in ids:
+        bag = data.bags[slide_id]
+        logits, _ = model(bag.features.to(device), bag.coords.to(device), groups=bag.groups)
+        probs.append(torch.softmax(logits.float(), dim=-1)[0].cpu().numpy())
+    return np.stack(probs).astype(np.float64)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _select(
+    state: FoldState,
+    model: torch.nn.Module,
+    data: FoldData,
+    *,
+    epoch: int,
+    score: float,
+    val: dict[str, Any],
+    device: torch.device,
+) -> None:
+    probs = predict_probs(model, data, data.test, device)
+    state.best_score, state.best_epoch, state.best_val = score, epoch, val
+    state.best_test = classification_metrics([data.labels[s] for s in data.test], probs)
+    state.best_test_probs = probs.tolist()
+
+
+def _finish(
+    state: FoldState,
+    model: torch.nn.Module,
+    data: FoldData,
+    *,
+    spec: ModelSpec,
+    device: torch.device,
+    out: FoldDir,
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    """Write preds.csv and, last (it marks the fold done), metrics.json."""
+    selection = "best_val"
+    if state.best_epoch < 0:  # no epoch was eligible: fall back to the last one
+        selection = "last_epoch"
+        val_probs = predict_probs(model, data, data.val, device)
+        val = classification_metrics([data.labels[s] for s in data.val], val_probs)
+        _select(state, model, data, epoch=state.epoch, score=selection_score(val), val=val, device=device)
+        _save_checkpoint(out.best, model, {**meta, "epoch": state.epoch, "val_score": state.best_score})
+    _write_preds(out.preds, data, spec.classes, state.best_test_probs or [])
+    metrics = {
+        "fold": meta["fold"],
+        "selection": selection,
+        **({"note": _FALLBACK_NOTE} if selection == "last_epoch" else {}),
+        "selected_epoch": state.best_epoch,
+        "epochs_run": state.epoch + 1,
+        "val_score": state.best_score,
+        "val": state.best_val,
+        "test": state.best_test,
+    }
+    with atomic_write(out.metrics) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _save_checkpoint(path: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
+    with atomic_write(path) as tmp:
+        torch.save({"model_state": model.state_dict(), "meta": meta}, tmp)
+
+
+def _save_last(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    shuffle: torch.Generator,
+    state: FoldState,
+    meta: dict[str, Any],
+) -> None:
+    rng = {
+        "python": random.getstate(),
+        "numpy": _numpy_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "shuffle": shuffle.get_state(),
+    }
+    payload = {"model_state": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}
+    with atomic_write(path) as tmp:
+        torch.save({**payload, "fold_state": asdict(state), "meta": meta}, tmp)
+
+
+def _restore(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, shuffle: torch.Generator
+) -> FoldState:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model_state"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    rng = ckpt["rng"]
+    random.setstate(rng["python"])
+    kind, key, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    shuffle.set_state(rng["shuffle"])
+    return FoldState(**ckpt["fold_state"])
+
+
+def _numpy_state() -> tuple[Any, ...]:
+    """numpy's global state with the key as a list, so the checkpoint loads with weights_only=True."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return kind, key.tolist(), pos, has_gauss, gauss
+
+
+def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_preds(path: Path, data: FoldData, classes: Sequence[str], probs: list[list[float]]) -> None:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["slide_id", "label", *(f"prob_{c}" for c in classes)])
+        for slide_id, row in zip(data.test, probs, strict=True):
+            writer.writerow([slide_id, classes[data.labels[slide_id]], *(repr(p) for p in row)])

@@ -1,0 +1,86 @@
+"""A run's summary files: `summary.csv` (one row per fold, then mean and std rows) and `report.md`.
+
+Numbers are test metrics at each fold's selected epoch; mean ± std uses the population std (ddof=0),
+see :mod:`wsi_pipeline.stages.train.metrics`.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from wsi_pipeline.stages.train.metrics import SCALARS
+from wsi_pipeline.workspace.files import atomic_write
+
+SUMMARY_COLUMNS = ("fold", "selection", "selected_epoch", *SCALARS)
+
+
+def write_summary_csv(
+    path: Path, folds: Sequence[Mapping[str, Any]], summary: Mapping[str, tuple[float, float]]
+) -> None:
+    """`folds` are the metrics.json dicts of each fold."""
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(SUMMARY_COLUMNS)
+        for m in folds:
+            writer.writerow([m["fold"], m["selection"], m["selected_epoch"], *(m["test"][k] for k in SCALARS)])
+        for i, row_name in enumerate(("mean", "std")):
+            writer.writerow([row_name, "", "", *(summary[k][i] for k in SCALARS)])
+
+
+def write_report(
+    path: Path,
+    *,
+    name: str,
+    classes: Sequence[str],
+    folds: Sequence[Mapping[str, Any]],
+    summary: Mapping[str, tuple[float, float]],
+    config_yaml: str,
+) -> None:
+    positive = f"; F1/precision/recall are for `{classes[1]}`" if len(classes) == 2 else " (macro averages)"
+    lines = [
+        f"# wsip run `{name}`",
+        "",
+        f"{len(folds)} folds; classes {', '.join(f'`{c}`' for c in classes)}{positive}.",
+        "Test metrics at each fold's selected epoch (best val F1 + AUC); mean ± std over folds, "
+        "population std (ddof=0).",
+        "",
+        "| metric | mean ± std |",
+        "|---|---|",
+        *(f"| {k} | {summary[k][0]:.3f} ± {summary[k][1]:.3f} |" for k in SCALARS),
+        "",
+        "## Per fold",
+        "",
+        "| fold | selected epoch | " + " | ".join(SCALARS) + " |",
+        "|---" * (len(SCALARS) + 2) + "|",
+        *(
+            f"| {m['fold']} | {m['selected_epoch']}{_fallback_mark(m)} | "
+            + " | ".join(f"{m['test'][k]:.3f}" for k in SCALARS)
+            + " |"
+            for m in folds
+        ),
+        "",
+        *(
+            [
+                "(*) training ended before any epoch was eligible for selection (epoch > select_after): "
+                "the last epoch was used.",
+                "",
+            ]
+            if any(_fallback_mark(m) for m in folds)
+            else []
+        ),
+        "## Config",
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+    ]
+    with atomic_write(path) as tmp:
+        tmp.write_text("\n".join(lines))
+
+
+def _fallback_mark(metrics: Mapping[str, Any]) -> str:
+    return " (*)" if metrics["selection"] == "last_epoch" else ""

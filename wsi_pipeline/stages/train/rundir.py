@@ -1,0 +1,93 @@
+"""A training run's folder: one writer at a time, and only for the experiment it was started with.
+
+`open_run` takes the run's lock (a second `wsip train` of the same run, or a `--force` against a run in
+progress, is refused with one line), then creates the folder or checks that the one there belongs to this
+very experiment: a changed config (other than `device` and `out`, which do not define the experiment) or
+changed splits are refused, naming what changed; `force` deletes the run and starts over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import yaml
+
+from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.stages.train.config import TrainConfig, config_to_dict, dump_config
+from wsi_pipeline.stages.train.splits import Splits, parse_splits_csv, write_splits
+from wsi_pipeline.workspace.files import write_json_if_changed, write_text_if_changed
+from wsi_pipeline.workspace.layout import RunDir, feature_set_at
+from wsi_pipeline.workspace.locks import OwnerLock
+
+log = logging.getLogger(__name__)
+_NOT_EXPERIMENT = ("device", "out")  # keys that may change between a run and its resume
+
+
+@contextlib.contextmanager
+def open_run(cfg: TrainConfig, splits: Splits, *, force: bool) -> Iterator[RunDir]:
+    """The prepared run folder, held exclusively for the duration of the block."""
+    run = cfg.run
+    lock = OwnerLock(run.lock)
+    if not lock.acquire():
+        holder = lock.holder() or {}
+        raise ConfigError(
+            f"{run.dir}: run '{cfg.name}' is being trained by another process (host {holder.get('host', '?')}, "
+            f"pid {holder.get('pid', '?')}); wait for it to finish, or use another `name`")
+    with lock:
+        _prepare(cfg, splits, run, force=force)
+        yield run
+
+
+def _prepare(cfg: TrainConfig, splits: Splits, run: RunDir, *, force: bool) -> None:
+    if force and run.dir.exists():
+        log.warning("removing existing run %s (force)", run.dir)
+        shutil.rmtree(run.dir)
+    if run.config.is_file():
+        changed = _changed_keys(yaml.safe_load(run.config.read_text()) or {}, config_to_dict(cfg))
+        if changed:
+            raise ConfigError(
+                f"{run.config}: run '{cfg.name}' was started with a different config (changed: "
+                f"{', '.join(changed)}); use a new `name`, or --force (force=True) to discard that run"
+            )
+    if run.splits.is_file() and parse_splits_csv(run.splits).rows != splits.rows:
+        raise ConfigError(
+            f"{run.splits}: the splits changed since run '{cfg.name}' started (labels CSV or splits file "
+            "edited); use a new `name`, or --force (force=True) to discard that run"
+        )
+    run.dir.mkdir(parents=True, exist_ok=True)
+    write_text_if_changed(run.config, dump_config(cfg))
+    if not run.splits.is_file():  # else equal to `splits` (checked above)
+        write_splits(splits, run.splits)
+    write_json_if_changed(run.features_record, features_record(cfg))
+
+
+def features_record(cfg: TrainConfig) -> dict[str, Any]:
+    """What the run's features were made with (the feature set's own params.json: patch + extract params,
+    weights sha256), so `wsip predict` can process a new slide the same way from the run alone."""
+    parsed = feature_set_at(cfg.data.features)
+    if parsed is None or not parsed[1].params.is_file():
+        return {"features": str(cfg.data.features), "made_by_wsip": False}
+    _, feature_set = parsed
+    return {"features": str(cfg.data.features), "made_by_wsip": True, "feature_set": feature_set.name,
+            **json.loads(feature_set.params.read_text())}
+
+
+def _changed_keys(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    flat_prev, flat_cur = _flatten(previous), _flatten(current)
+    keys = sorted(set(flat_prev) | set(flat_cur))
+    return [k for k in keys if k.split(".")[0] not in _NOT_EXPERIMENT and flat_prev.get(k) != flat_cur.get(k)]
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

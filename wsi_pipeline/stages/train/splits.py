@@ -1,0 +1,169 @@
+"""Patient-level cross-validation splits (docs/gmmamba.md §9), or a user's own splits file.
+
+Splitting is by patient, never by slide, so two slides of one patient can never sit on both sides of a
+test boundary. As in GMMamba's split script: each patient takes the label of its first slide (file
+order); `StratifiedKFold(folds, shuffle=True, random_state=seed)` picks each fold's test patients and
+`StratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)` picks val among the rest;
+patients map back to all their slides. The on-disk format is `fold,split,slide_id` (split: train|val|test).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
+
+from wsi_pipeline.errors import ConfigError, name_some
+from wsi_pipeline.workspace.files import atomic_write
+
+PARTS = ("train", "val", "test")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SplitRow:
+    fold: int
+    split: str  # train | val | test
+    slide_id: str
+
+
+@dataclass(frozen=True)
+class Splits:
+    rows: tuple[SplitRow, ...]
+
+    @property
+    def folds(self) -> list[int]:
+        return sorted({r.fold for r in self.rows})
+
+    def ids(self, fold: int, split: str) -> list[str]:
+        return [r.slide_id for r in self.rows if r.fold == fold and r.split == split]
+
+
+def make_splits(
+    slides: Sequence[tuple[str, str, str]],
+    *,
+    folds: int,
+    val_fraction: float,
+    seed: int,
+    source: str = "splits",
+) -> Splits:
+    """Split (slide_id, label, case_id) triples into `folds` patient-level train/val/test folds.
+
+    `source` (the config file) prefixes error messages.
+    """
+    slides_of: dict[str, list[str]] = defaultdict(list)
+    label_of: dict[str, str] = {}
+    for slide_id, label, case_id in slides:
+        slides_of[case_id].append(slide_id)
+        label_of.setdefault(case_id, label)  # a patient takes the label of its first slide
+    patients = list(slides_of)  # first-appearance order, as the original script's groupby
+    labels = np.array([label_of[p] for p in patients])
+    _check_enough_patients(labels, folds=folds, source=source)
+
+    rows: list[SplitRow] = []
+    outer = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fold, (rest, test) in enumerate(outer.split(np.zeros(len(labels)), labels)):
+        inner = StratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+        try:
+            train_pos, val_pos = next(inner.split(np.zeros(len(rest)), labels[rest]))
+        except ValueError as e:  # too few patients for a val set holding every class
+            raise ConfigError(
+                f"{source}: splits fold {fold}: {e} (adjust splits.val_fraction or splits.folds)"
+            ) from None
+        for split, index in (("train", rest[train_pos]), ("val", rest[val_pos]), ("test", test)):
+            for i in sorted(index):
+                rows.extend(SplitRow(fold, split, sid) for sid in slides_of[patients[i]])
+    return Splits(tuple(rows))
+
+
+def read_splits(path: Path, *, known: Mapping[str, str]) -> Splits:
+    """A user's `fold,split,slide_id` CSV, checked against the cohort (`known`: slide_id -> case_id).
+
+    Slides of the cohort that a fold does not list simply do not take part in that fold (official
+    splits often leave some out). A patient split across partitions is allowed (the user decided) but
+    logged as a warning.
+    """
+    splits = parse_splits_csv(path)
+    unknown = sorted({r.slide_id for r in splits.rows} - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{path}: {len(unknown)} slide(s) not in the labels CSV: {name_some(unknown)} "
+            "(fix the splits file or the labels CSV)"
+        )
+    validate_splits(splits, source=path)
+    _warn_patient_leaks(splits, known)
+    return splits
+
+
+def parse_splits_csv(path: Path) -> Splits:
+    """The rows of a `fold,split,slide_id` CSV, format-checked only."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: splits file not found (fix splits.file)")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
+        if not {"fold", "split", "slide_id"} <= set(reader.fieldnames):
+            raise ConfigError(f"{path}: needs columns fold,split,slide_id (found: {', '.join(reader.fieldnames)})")
+        return Splits(
+            tuple(
+                _parse_row(path, reader.line_num, *((r.get(k) or "").strip() for k in ("fold", "split", "slide_id")))
+                for r in reader
+                if any((v or "").strip() for v in r.values())
+            )
+        )
+
+
+def validate_splits(splits: Splits, *, source: Path | str) -> None:
+    """Every fold has train, val and test slides, and no slide sits in two partitions of a fold."""
+    if not splits.rows:
+        raise ConfigError(f"{source}: no splits listed (add rows fold,split,slide_id)")
+    for fold in splits.folds:
+        seen = Counter(r.slide_id for r in splits.rows if r.fold == fold)
+        twice = [sid for sid, n in seen.items() if n > 1]
+        if twice:
+            raise ConfigError(f"{source}: fold {fold} lists slide(s) in two splits: {name_some(twice)} (keep one)")
+        empty = [part for part in PARTS if not splits.ids(fold, part)]
+        if empty:
+            raise ConfigError(f"{source}: fold {fold} has no {'/'.join(empty)} slides (every fold needs all three)")
+
+
+def write_splits(splits: Splits, path: Path) -> None:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["fold", "split", "slide_id"])
+        writer.writerows((r.fold, r.split, r.slide_id) for r in splits.rows)
+
+
+def _check_enough_patients(labels: np.ndarray, *, folds: int, source: str) -> None:
+    """StratifiedKFold only warns on tiny classes; a test fold without a class breaks AUC, so refuse."""
+    scarce = {label: n for label, n in sorted(Counter(labels.tolist()).items()) if n < folds}
+    if scarce:
+        raise ConfigError(
+            f"{source}: too few patients for {folds}-fold splits: class(es) {list(scarce)} have "
+            f"{list(scarce.values())} patient(s) (need >= {folds} each; lower splits.folds or add data)"
+        )
+
+
+def _parse_row(path: Path, line: int, fold: str, split: str, slide_id: str) -> SplitRow:
+    if split not in PARTS or not slide_id or not fold.lstrip("-").isdigit():
+        raise ConfigError(
+            f"{path}: line {line} ({fold},{split},{slide_id}) is not <int fold>,<train|val|test>,<slide_id>"
+        )
+    return SplitRow(int(fold), split, slide_id)
+
+
+def _warn_patient_leaks(splits: Splits, case_of: Mapping[str, str]) -> None:
+    for fold in splits.folds:
+        parts_of: dict[str, set[str]] = defaultdict(set)
+        for r in splits.rows:
+            if r.fold == fold:
+                parts_of[case_of[r.slide_id]].add(r.split)
+        leaked = sorted(case for case, parts in parts_of.items() if len(parts) > 1)
+        if leaked:
+            log.warning("splits fold %d: patient(s) %s have slides in more than one split", fold, name_some(leaked))

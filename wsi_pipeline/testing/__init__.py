@@ -1,0 +1,1 @@
+"""Generators for tests, benchmarks and the demo (procedural slides, synthetic cohorts)."""

@@ -1,0 +1,228 @@
+"""The workspace tree: the one place where its paths are built and parsed (docs/design.md §2).
+
+```
+<root>/
+  patches/<patch config>/            coords/<slide_id>.h5, qc/<slide_id>.jpg, manifest.csv, params.json
+  features/<patch config>/<feature set>/
+                                     h5_files/<slide_id>.h5, pt_files/<slide_id>.pt, .partial/<slide_id>.zarr,
+                                     manifest.csv, params.json
+  runs/<name>/                       config.yaml, features.json, splits.csv, groups/, fold_<k>/, summary.csv,
+                                     report.md
+  predictions/<run name>/            <slide_id>.json, <slide_id>_heatmap.png
+  predictions/_slides/               a workspace of its own for the slides being predicted
+```
+Everything inside a workspace is found from its root and names (never from an absolute path recorded in
+another file), so a workspace can be copied or moved as a whole; slide paths, which live outside it, are
+recorded absolute. New slides given to `wsip predict` are patched and encoded in `predictions/_slides/`,
+never beside the training cohort: a slide named like a cohort slide cannot touch the cohort's outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from wsi_pipeline.workspace.files import workspace_root
+
+MANIFEST, PARAMS = "manifest.csv", "params.json"
+H5_FOLDER, PT_FOLDER = "h5_files", "pt_files"
+
+
+@dataclass(frozen=True)
+class PatchSet:
+    """One patching config's outputs: `patches/<name>/`."""
+
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def manifest(self) -> Path:
+        return self.dir / MANIFEST
+
+    @property
+    def params(self) -> Path:
+        return self.dir / PARAMS
+
+    @property
+    def locks(self) -> Path:
+        return self.dir / ".locks"
+
+    def coords(self, slide_id: str) -> Path:
+        return self.dir / "coords" / f"{slide_id}.h5"
+
+    def qc(self, slide_id: str) -> Path:
+        return self.dir / "qc" / f"{slide_id}.jpg"
+
+    def output_dirs(self) -> tuple[Path, ...]:
+        return self.dir / "coords", self.dir / "qc", self.dir
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """One encoder's features of one patching: `features/<patch config>/<name>/`."""
+
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def patch_config(self) -> str:
+        return self.dir.parent.name
+
+    @property
+    def manifest(self) -> Path:
+        return self.dir / MANIFEST
+
+    @property
+    def params(self) -> Path:
+        return self.dir / PARAMS
+
+    @property
+    def locks(self) -> Path:
+        return self.dir / ".locks"
+
+    @property
+    def h5_dir(self) -> Path:
+        return self.dir / H5_FOLDER
+
+    def h5(self, slide_id: str) -> Path:
+        return self.dir / H5_FOLDER / f"{slide_id}.h5"
+
+    def pt(self, slide_id: str) -> Path:
+        return self.dir / PT_FOLDER / f"{slide_id}.pt"
+
+    def partial(self, slide_id: str) -> Path:
+        return self.dir / ".partial" / f"{slide_id}.zarr"
+
+    def output_dirs(self) -> tuple[Path, ...]:
+        return self.dir / H5_FOLDER, self.dir / PT_FOLDER, self.dir
+
+
+@dataclass(frozen=True)
+class FoldDir:
+    dir: Path
+
+    @property
+    def best(self) -> Path:
+        return self.dir / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "last.pt"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "log.csv"
+
+    @property
+    def preds(self) -> Path:
+        return self.dir / "preds.csv"
+
+    @property
+    def metrics(self) -> Path:
+        """Written last: its presence marks the fold finished."""
+        return self.dir / "metrics.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One training run: `runs/<name>/`."""
+
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.yaml"
+
+    @property
+    def features_record(self) -> Path:
+        """The feature set's params (patch + extract) the run trained on: what `wsip predict` replays."""
+        return self.dir / "features.json"
+
+    @property
+    def splits(self) -> Path:
+        return self.dir / "splits.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.dir / "summary.csv"
+
+    @property
+    def report(self) -> Path:
+        return self.dir / "report.md"
+
+    @property
+    def lock(self) -> Path:
+        return self.dir.parent / f".{self.name}.lock"
+
+    def groups(self, key: str) -> Path:
+        return self.dir / "groups" / key
+
+    def fold(self, k: int) -> FoldDir:
+        return FoldDir(self.dir / f"fold_{k}")
+
+    def trained_folds(self) -> list[FoldDir]:
+        """Folds with a selected model (`best.pt`), in fold order."""
+        folds = [FoldDir(p) for p in self.dir.glob("fold_*") if p.name[5:].isdigit() and (p / "best.pt").is_file()]
+        return sorted(folds, key=lambda f: int(f.dir.name[5:]))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A workspace root and everything below it."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, out: str | os.PathLike[str] | None = None) -> Layout:
+        """`--out`, else `$WSIP_OUT`, else `./wsip_out` (absolute)."""
+        return cls(workspace_root(out))
+
+    # ----------------------------------------------------------------------------------- patches
+    def patch_set(self, config: str) -> PatchSet:
+        return PatchSet(self.root / "patches" / config)
+
+    def patch_sets(self) -> list[PatchSet]:
+        """Patch configs that hold a coords folder, by name."""
+        return [PatchSet(p.parent) for p in sorted((self.root / "patches").glob("*/coords")) if p.is_dir()]
+
+    # ---------------------------------------------------------------------------------- features
+    def feature_set(self, patch_config: str, name: str) -> FeatureSet:
+        return FeatureSet(self.root / "features" / patch_config / name)
+
+    def feature_sets(self) -> list[FeatureSet]:
+        return [FeatureSet(p.parent) for p in sorted((self.root / "features").glob(f"*/*/{MANIFEST}"))]
+
+    # -------------------------------------------------------------------------------------- runs
+    def run(self, name: str) -> RunDir:
+        return RunDir(self.root / "runs" / name)
+
+    def runs(self) -> list[RunDir]:
+        return [RunDir(p) for p in sorted((self.root / "runs").glob("*")) if p.is_dir()]
+
+    # ------------------------------------------------------------------------------- predictions
+    def predictions(self, run_name: str) -> Path:
+        return self.root / "predictions" / run_name
+
+    def prediction_slides(self) -> Layout:
+        """The workspace in which slides given to `wsip predict` are patched and encoded."""
+        return Layout(self.root / "predictions" / "_slides")
+
+
+def feature_set_at(path: Path) -> tuple[Layout, FeatureSet] | None:
+    """Parse a feature-set folder back into its workspace (`<root>/features/<patch config>/<name>`), or None
+    when `path` is not laid out that way (features made by another tool)."""
+    path = path.resolve()
+    if len(path.parents) < 3 or path.parent.parent.name != "features":
+        return None
+    return Layout(path.parents[2]), FeatureSet(path)

@@ -1,0 +1,1 @@
+"""Selective state-space scans and their kernels."""

@@ -6,112 +6,29 @@ and `wsip status` start in a fraction of a second.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from wsi_pipeline.cli_console import (
+    console,
+    out_console,
+    patch_progress,
+    report_outcomes,
+    slide_progress,
+    user_errors,
+)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="wsip: whole-slide images in, slide-level predictions out.")
-console = Console(stderr=True)
-out_console = Console()
 
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Workspace folder (default $WSIP_OUT or ./wsip_out).")]
 ShardOpt = Annotated[str | None, typer.Option("--shard", help="Process part i of N: 'i/N' (or Slurm array vars).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even when a finished output matches.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (logs, CI).")]
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """One line, no traceback: the file and what to do are in `message`."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn errors a user can fix into one-line messages with exit code 2."""
-    from wsi_pipeline.errors import UserError, one_line
-
-    try:
-        yield
-    except (UserError, FileNotFoundError) as exc:
-        fail(one_line(exc))
-
-
-@contextmanager
-def slide_progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[Any], None]]:
-    """An overall slides bar; yields the per-slide callback the stages call when a slide finishes."""
-    if quiet:
-        def log(outcome: Any) -> None:
-            console.print(f"{outcome.slide_id}: {outcome.status} {outcome.error}".rstrip(), highlight=False)
-        yield log
-        return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(label, total=total)
-
-        def advance(outcome: Any) -> None:
-            if outcome.error:
-                progress.console.print(f"[red]{outcome.slide_id}[/]: {outcome.error}", highlight=False)
-            progress.advance(task)
-        yield advance
-
-
-@contextmanager
-def patch_progress(quiet: bool) -> Iterator[tuple[Callable[[Any], None], Callable[[str, int, int], None]]]:
-    """Slides done + a per-slide patches bar with patches/s (extraction is where time goes)."""
-    if quiet:
-        with slide_progress(0, "", True) as log:
-            yield log, lambda slide_id, done, total: None
-        return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        current: dict[str, Any] = {}
-
-        def slides() -> Any:  # created on the first event, so an early error prints no empty bar
-            if "slides" not in current:
-                current["slides"] = progress.add_task("slides", total=None, rate="")
-            return current["slides"]
-
-        def on_patches(slide_id: str, done: int, total: int) -> None:
-            slides()
-            if current.get("id") != slide_id:
-                if "task" in current:
-                    progress.remove_task(current["task"])
-                current.update(id=slide_id, task=progress.add_task(slide_id, total=total, rate=""),
-                               start=time.perf_counter())
-            rate = done / max(time.perf_counter() - current["start"], 1e-9)
-            progress.update(current["task"], completed=done, rate=f"{rate:6.1f} patches/s")
-
-        def on_done(outcome: Any) -> None:
-            if outcome.error:
-                progress.console.print(f"[red]{outcome.slide_id}[/]: {outcome.error}", highlight=False)
-            progress.advance(slides())
-        yield on_done, on_patches
-
-
-def report_outcomes(outcomes: list[Any], out_dir: Path) -> None:
-    """Summary line per status; exit 1 when any slide failed (docs/design.md §1)."""
-    from wsi_pipeline.workspace.manifest import FAILURES
-
-    counts: dict[str, int] = {}
-    for o in outcomes:
-        counts[o.status] = counts.get(o.status, 0) + 1
-    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    console.print(f"{summary} → {out_dir}", highlight=False)
-    failed = [o for o in outcomes if o.status in FAILURES]
-    if failed:
-        console.print(f"[red]{len(failed)} slide(s) failed[/]: " + ", ".join(o.slide_id for o in failed) +
-                      f" (reasons in {out_dir / 'manifest.csv'})", highlight=False)
-        raise typer.Exit(1)
 
 
 @app.command()

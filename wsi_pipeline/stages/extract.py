@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from wsi_pipeline.device import resolve_device
 from wsi_pipeline.errors import InputError, UserError, name_some
-from wsi_pipeline.models.encoders import Encoder, create_encoder
+from wsi_pipeline.models.encoders import Encoder, create_encoder, get_spec
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.stages import runner
 from wsi_pipeline.stages.runner import SlideOutcome
@@ -237,6 +237,7 @@ def extract(params: ExtractParams = ExtractParams(), *, out: str | Path | Layout
     so the set describes itself wherever the workspace is moved.
     """
     params.validate()
+    get_spec(params.encoder)  # an unknown encoder name is reported before anything else
     layout = out if isinstance(out, Layout) else Layout.at(out)
     patch_set = pick_patch_set(layout, params.patches)
     device = resolve_device(params.device)

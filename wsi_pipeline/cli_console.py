@@ -45,14 +45,20 @@ def slide_progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[An
         yield log
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(label, total=total)
+    progress = Progress(*columns, console=console, transient=False)
+    task = progress.add_task(label, total=total)
 
-        def advance(outcome: Any) -> None:
-            if outcome.error:
-                progress.console.print(f"[red]{outcome.slide_id}[/]: {outcome.error}", highlight=False)
-            progress.advance(task)
+    def advance(outcome: Any) -> None:  # the bar appears with the first slide, so an early error prints alone
+        if not progress.live.is_started:
+            progress.start()
+        if outcome.error:
+            progress.console.print(f"[red]{outcome.slide_id}[/]: {outcome.error}", highlight=False)
+        progress.advance(task)
+
+    try:
         yield advance
+    finally:
+        progress.stop()
 
 
 @contextmanager

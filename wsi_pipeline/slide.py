@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from wsi_pipeline.errors import UserError
-from wsi_pipeline.units import MPP, Level0Px, LevelPx
+from wsi_pipeline.units import MPP, Level0Px, LevelPx, mpp_for_magnification
 
 WSI_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi", ".dcm",
@@ -61,7 +61,7 @@ def _mpp_from_properties(props: Mapping[str, str]) -> MppInfo | None:
         return MppInfo(MPP(microns_per_unit / xres), "tiff.resolution")
     power = number("openslide.objective-power")
     if power:
-        return MppInfo(MPP(10.0 / power), "objective-power (approximate: 10/power)")
+        return MppInfo(mpp_for_magnification(power), "objective-power (approximate: 10/power)")
     return None
 
 

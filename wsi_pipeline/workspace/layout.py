@@ -30,8 +30,8 @@ H5_FOLDER, PT_FOLDER = "h5_files", "pt_files"
 
 
 @dataclass(frozen=True)
-class PatchSet:
-    """One patching config's outputs: `patches/<name>/`."""
+class _StageOutputs:
+    """What every per-slide stage writes beside its outputs: a manifest, its params and lock files."""
 
     dir: Path
 
@@ -50,6 +50,11 @@ class PatchSet:
     @property
     def locks(self) -> Path:
         return self.dir / ".locks"
+
+
+@dataclass(frozen=True)
+class PatchSet(_StageOutputs):
+    """One patching config's outputs: `patches/<name>/`."""
 
     def coords(self, slide_id: str) -> Path:
         return self.dir / "coords" / f"{slide_id}.h5"
@@ -62,30 +67,12 @@ class PatchSet:
 
 
 @dataclass(frozen=True)
-class FeatureSet:
+class FeatureSet(_StageOutputs):
     """One encoder's features of one patching: `features/<patch config>/<name>/`."""
-
-    dir: Path
-
-    @property
-    def name(self) -> str:
-        return self.dir.name
 
     @property
     def patch_config(self) -> str:
         return self.dir.parent.name
-
-    @property
-    def manifest(self) -> Path:
-        return self.dir / MANIFEST
-
-    @property
-    def params(self) -> Path:
-        return self.dir / PARAMS
-
-    @property
-    def locks(self) -> Path:
-        return self.dir / ".locks"
 
     @property
     def h5_dir(self) -> Path:

@@ -66,6 +66,13 @@ def _cuda_op(op: str, t: torch.Tensor) -> Callable | None:
 # ---------------------------------------------------------------- public API
 
 
+def compute_args(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The scans compute in float32 (float64 when the first tensor is float64: gradchecks), on contiguous
+    memory; None stays None."""
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    return [None if t is None else t.to(dtype).contiguous() for t in tensors]
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -86,8 +93,7 @@ def selective_scan(
     cuda_fn = _cuda_op("selective_scan", u)
     if cuda_fn is not None:
         return cuda_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
-    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    args = [None if t is None else t.to(dtype).contiguous() for t in (u, delta, A, B, C, D, z, delta_bias)]
+    args = compute_args(u, delta, A, B, C, D, z, delta_bias)
     if u.device.type == "cpu" and scan_cpu.AVAILABLE:
         y = _NumbaScan.apply(*args, delta_softplus)
     else:

@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from wsi_pipeline.models.ssm import scan2d_cpu, scan_cpu
+from wsi_pipeline.models.ssm.scan import compute_args
 
 
 def band_rows(height: int) -> int:
@@ -47,8 +48,7 @@ def selective_scan_2d(
     Returns y (b, d, H, W) in u's dtype (computed in float32, or float64 for float64 inputs).
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    args = [None if t is None else t.to(dtype).contiguous() for t in (u, delta, A, B, C, D, z, delta_bias)]
+    args = compute_args(u, delta, A, B, C, D, z, delta_bias)
     if u.device.type == "cpu" and scan_cpu.AVAILABLE:
         y = _NumbaScan2d.apply(*args, delta_softplus)
     else:

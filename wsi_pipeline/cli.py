@@ -135,6 +135,8 @@ def predict(
     mpp: Annotated[float | None, typer.Option("--mpp", help="µm/px for slides that record none.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:i.")] = "auto",
     heatmap: Annotated[bool, typer.Option("--heatmap/--no-heatmap", help="Write an attention heatmap PNG.")] = True,
+    annotations: Annotated[Path | None, typer.Option(
+        "--annotations", help="Folder of <slide_id>.geojson regions: outlined, and attention on them scored.")] = None,
     out: OutOpt = None,
 ) -> None:
     """Predict new slides end to end with a trained run → <out>/predictions/<run name>/<slide_id>.json + heatmap.
@@ -144,27 +146,29 @@ def predict(
     """
     from wsi_pipeline.stages import predict as predict_stage
     from wsi_pipeline.stages.inputs import resolve_inputs
+    from wsi_pipeline.workspace.manifest import DONE
 
     with user_errors():
         sources = resolve_inputs(slides, mpp=mpp)
-        params = predict_stage.PredictParams(run=run, fold=fold, device=device, heatmap=heatmap)
+        params = predict_stage.PredictParams(run=run, fold=fold, device=device, heatmap=heatmap,
+                                             annotations=annotations.resolve() if annotations else None)
         with console.status("patching, extracting and predicting…"):
             result = predict_stage.predict(sources, params, out=out)
     table = Table(title=f"predictions ({result.run_dir.name})")
     for col in ("slide", *result.classes, "predicted"):
         table.add_column(col)
     for p in result.predictions:
-        if p.status == "done":
+        if p.status == DONE:
             table.add_row(p.slide_id, *(f"{p.probabilities[c]:.3f}" for c in result.classes), p.predicted)
         else:
             table.add_row(p.slide_id, *("–" for _ in result.classes), f"[red]failed: {p.error}")
     out_console.print(table)
     for p in result.predictions:
-        if p.status == "done":
+        if p.status == DONE:
             console.print(f"{p.slide_id}: {p.json_path}, heatmap {p.heatmap_path}, QC {p.qc_path}", highlight=False)
         if p.note:
             console.print(f"[yellow]note[/]: {p.note}", highlight=False)
-    if any(p.status != "done" for p in result.predictions):
+    if any(p.status != DONE for p in result.predictions):
         raise typer.Exit(1)
 
 

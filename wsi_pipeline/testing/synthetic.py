@@ -7,12 +7,16 @@ small untiled thumbnail, then the reduced levels tiled with subfiletype 0.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from wsi_pipeline.units import magnification_for_mpp
 
 
 def write_aperio_slide(
@@ -127,33 +131,68 @@ def he_tissue(size: tuple[int, int], *, seed: int = 0, hotspots: int = 0, hotspo
 DEMO_CLASSES = ("normal", "tumour")
 
 
-def _demo_slide(args: tuple[Path, tuple[int, int], float, int, int]) -> Path:
-    path, size, mpp, seed, hotspots = args
-    image, _ = he_tissue(size, seed=seed, hotspots=hotspots)
-    return write_aperio_slide(path, image, mpp=mpp, app_mag=round(10 / mpp), downsamples=(4, 16))
+@dataclass(frozen=True)
+class _DemoSlide:
+    path: Path
+    annotation: Path | None  # where its lesions' GeoJSON goes (tumour slides)
+    size: tuple[int, int]
+    mpp: float
+    seed: int
+    hotspots: int
+    hotspot_radius: int
+
+
+def _demo_slide(job: _DemoSlide) -> Path:
+    image, centres = he_tissue(job.size, seed=job.seed, hotspots=job.hotspots, hotspot_radius=job.hotspot_radius)
+    if job.annotation is not None:
+        write_lesions_geojson(job.annotation, centres, job.hotspot_radius + 10)  # + the largest nucleus
+    return write_aperio_slide(job.path, image, mpp=job.mpp, app_mag=round(magnification_for_mpp(job.mpp)),
+                              downsamples=(4, 16))
+
+
+def write_lesions_geojson(path: Path, centres: list[tuple[int, int]], radius: float) -> Path:
+    """The ground truth of a generated slide: one circular polygon (level-0 px) per lesion, as QuPath writes
+    annotations (a FeatureCollection of Polygon features with closed rings)."""
+    angles = np.linspace(0, 2 * np.pi, 33)[:-1]
+    features = []
+    for cx, cy in centres:
+        ring = [[round(cx + radius * np.cos(a), 1), round(cy + radius * np.sin(a), 1)] for a in angles]
+        features.append({"type": "Feature", "properties": {"objectType": "annotation",
+                                                           "classification": {"name": "Tumor"}},
+                         "geometry": {"type": "Polygon", "coordinates": [[*ring, ring[0]]]}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return path
 
 
 def make_demo_cohort(folder: str | os.PathLike[str], *, n_slides: int = 16, size: tuple[int, int] = (4096, 6144),
-                     mpp: float = 0.5, hotspots: int = 5, seed: int = 0, workers: int = 2) -> Path:
+                     mpp: float = 0.5, hotspots: int = 5, hotspot_radius: int = 120, seed: int = 0,
+                     workers: int = 2) -> Path:
     """A labelled cohort of procedural H&E slides + `labels.csv` (slide_id,label,case_id); deterministic.
 
     Every other slide is `tumour`: it differs from `normal` only in `hotspots` small clusters of dense,
     enlarged nuclei (a few % of the tissue) — a MIL problem, not a global colour shift. Slides 0 & 2 and
     1 & 3 share a patient (case_id), so patient-level splitting matters. A held-out `tumour` slide,
-    `holdout.svs`, is written beside the cohort (not in labels.csv) for `wsip predict`.
+    `holdout.svs`, is written beside the cohort (not in labels.csv) for `wsip predict`. The lesions of every
+    tumour slide are written as GeoJSON to `annotations/<slide_id>.geojson` beside the cohort folder.
     """
     from concurrent.futures import ProcessPoolExecutor
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    annotations = folder.parent / "annotations"
     rows, jobs = [], []
-    for i in range(n_slides):
-        label = DEMO_CLASSES[i % 2]
-        case = f"P{i % 2:02d}" if i < 4 else f"P{i:02d}"
-        rows.append(f"demo_{i:02d},{label},{case}")
-        jobs.append((folder / f"demo_{i:02d}.svs", size, mpp, seed * 1000 + i, hotspots if label == "tumour" else 0))
-    jobs.append((folder.parent / "holdout.svs", size, mpp, seed * 1000 + 999, hotspots))
-    todo = [job for job in jobs if not job[0].exists()]
+    for i in range(n_slides + 1):
+        held_out = i == n_slides
+        slide_id = "holdout" if held_out else f"demo_{i:02d}"
+        tumour = held_out or DEMO_CLASSES[i % 2] == "tumour"
+        if not held_out:
+            case = f"P{i % 2:02d}" if i < 4 else f"P{i:02d}"
+            rows.append(f"{slide_id},{DEMO_CLASSES[int(tumour)]},{case}")
+        path = (folder.parent if held_out else folder) / f"{slide_id}.svs"
+        jobs.append(_DemoSlide(path, annotations / f"{slide_id}.geojson" if tumour else None, size, mpp,
+                               seed * 1000 + (999 if held_out else i), hotspots if tumour else 0, hotspot_radius))
+    todo = [job for job in jobs if not job.path.exists()]
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         list(pool.map(_demo_slide, todo))
     labels = folder.parent / "labels.csv"

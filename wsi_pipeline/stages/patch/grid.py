@@ -74,13 +74,18 @@ def tissue_grid(tissue: TissueMask, plan: ReadPlan, dims: tuple[int, int], min_t
     ys = np.arange(0, h0 - size + 1, step, dtype=np.int64)
     gx, gy = np.meshgrid(xs, ys)
     coords = np.stack([gx.ravel(), gy.ravel()], axis=1)
-    integral = cv2.integral((tissue.mask > 0).astype(np.uint8))  # (h+1, w+1), int32
-    mh, mw = tissue.mask.shape
-    ds = tissue.downsample
-    x0 = np.clip(np.floor(coords[:, 0] / ds), 0, mw).astype(np.int64)
-    y0 = np.clip(np.floor(coords[:, 1] / ds), 0, mh).astype(np.int64)
-    x1 = np.clip(np.ceil((coords[:, 0] + size) / ds), 0, mw).astype(np.int64)
-    y1 = np.clip(np.ceil((coords[:, 1] + size) / ds), 0, mh).astype(np.int64)
+    return coords[box_fractions(tissue.mask, tissue.downsample, coords, size) >= min_tissue_fraction]
+
+
+def box_fractions(mask: np.ndarray, downsample: float, coords: np.ndarray, size_level0: int) -> np.ndarray:
+    """For each level-0 box (x, y, size), the fraction of it that is non-zero in `mask` (a mask at
+    `downsample` × level 0). An integral image makes it O(1) per box."""
+    integral = cv2.integral((mask > 0).astype(np.uint8))  # (h+1, w+1), int32
+    mh, mw = mask.shape
+    x0 = np.clip(np.floor(coords[:, 0] / downsample), 0, mw).astype(np.int64)
+    y0 = np.clip(np.floor(coords[:, 1] / downsample), 0, mh).astype(np.int64)
+    x1 = np.clip(np.ceil((coords[:, 0] + size_level0) / downsample), 0, mw).astype(np.int64)
+    y1 = np.clip(np.ceil((coords[:, 1] + size_level0) / downsample), 0, mh).astype(np.int64)
     area = np.maximum((x1 - x0) * (y1 - y0), 1)
     inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return coords[inside / area >= min_tissue_fraction]
+    return inside / area

@@ -98,12 +98,8 @@ def load_user_mask(path: Path, shape: tuple[int, int], downsample: float) -> np.
     """Rasterise a QuPath GeoJSON (polygons in level-0 px) or read a PNG mask, at the mask's resolution."""
     h, w = shape
     if path.suffix.lower() in (".geojson", ".json"):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SlideError(f"{path}: unreadable GeoJSON mask ({exc}); export it again from QuPath") from None
         out = np.zeros((h, w), np.uint8)
-        for ring, fill in _geojson_rings(data):
+        for ring, fill in geojson_rings(read_geojson(path)):
             pts = np.round(np.asarray(ring, dtype=np.float64)[:, :2] / downsample).astype(np.int32)
             cv2.fillPoly(out, [pts], 255 if fill else 0)
         return out
@@ -113,16 +109,24 @@ def load_user_mask(path: Path, shape: tuple[int, int], downsample: float) -> np.
     return (cv2.resize(image, (w, h), interpolation=cv2.INTER_NEAREST) > 0).astype(np.uint8) * 255
 
 
-def _geojson_rings(data: object) -> list[tuple[list, bool]]:
+def read_geojson(path: Path) -> object:
+    """A GeoJSON file's content; an unreadable one is a one-line error."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SlideError(f"{path}: unreadable GeoJSON ({exc}); export it again from QuPath") from None
+
+
+def geojson_rings(data: object) -> list[tuple[list, bool]]:
     """(ring, is_outer) for every Polygon/MultiPolygon in a Feature, FeatureCollection, list or geometry."""
     if isinstance(data, list):
-        return [r for item in data for r in _geojson_rings(item)]
+        return [r for item in data for r in geojson_rings(item)]
     if not isinstance(data, dict):
         return []
     if data.get("type") == "FeatureCollection":
-        return _geojson_rings(data.get("features", []))
+        return geojson_rings(data.get("features", []))
     if data.get("type") == "Feature":
-        return _geojson_rings(data.get("geometry"))
+        return geojson_rings(data.get("geometry"))
     polygons = {"Polygon": [data.get("coordinates", [])], "MultiPolygon": data.get("coordinates", [])}
     rings = []
     for polygon in polygons.get(data.get("type"), []):

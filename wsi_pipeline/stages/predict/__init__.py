@@ -23,9 +23,10 @@ from wsi_pipeline.slide import Slide
 from wsi_pipeline.stages.extract import extract
 from wsi_pipeline.stages.inputs import SlideSource
 from wsi_pipeline.stages.patch import patch
+from wsi_pipeline.stages.predict.annotations import annotation_file, outer_rings, top_k_on_annotation
 from wsi_pipeline.stages.predict.heatmap import render_heatmap
 from wsi_pipeline.stages.predict.models import find_run, load_fold_models, predict_bag, recorded_stage_params
-from wsi_pipeline.stages.runner import FAILED, FAILURES
+from wsi_pipeline.stages.runner import DONE, FAILED, FAILURES
 from wsi_pipeline.stages.train.splits import parse_splits_csv
 from wsi_pipeline.workspace.feature_store import feature_attrs, read_bag
 from wsi_pipeline.workspace.files import write_json_atomic
@@ -40,12 +41,14 @@ class PredictParams:
     fold: int | None = None  # one fold's model instead of the average of all folds
     device: str = "auto"
     heatmap: bool = True
+    annotations: Path | None = None  # folder of <slide_id>.geojson regions (e.g. lesions): outlined on the
+    # heatmap, and the fraction of the 10 most-attended patches on them is recorded (`top10_on_annotation`)
 
 
 @dataclass
 class SlidePrediction:
     slide_id: str
-    status: str  # "done" | "failed"
+    status: str  # DONE | FAILED (the manifest vocabulary)
     probabilities: dict[str, float] | None = None
     predicted: str | None = None
     json_path: Path | None = None
@@ -66,6 +69,8 @@ class PredictResult:
 def predict(slides: Sequence[SlideSource], params: PredictParams = PredictParams(), *,
             out: str | Path | None = None) -> PredictResult:
     """Predict each slide with a trained run; callable from Python exactly as `wsip predict`."""
+    if params.annotations is not None and not Path(params.annotations).is_dir():
+        raise UserError(f"--annotations {params.annotations}: no such folder (one <slide_id>.geojson per slide)")
     layout = Layout.at(out)
     run = find_run(layout, params.run)
     device = resolve_device(params.device)
@@ -85,7 +90,7 @@ def predict(slides: Sequence[SlideSource], params: PredictParams = PredictParams
         sid = source.slide_id
         error = patched[sid].error if patched[sid].status in FAILURES else failed.get(sid, "")
         if error:
-            predictions.append(SlidePrediction(sid, "failed", error=error))
+            predictions.append(SlidePrediction(sid, FAILED, error=error))
             continue
         h5_path = extracted.feature_set.h5(sid)
         features, coords = read_bag(h5_path)
@@ -97,14 +102,19 @@ def predict(slides: Sequence[SlideSource], params: PredictParams = PredictParams
                   "predicted": classes[int(np.argmax(mean))], "folds": [m["fold"] for _, m in models],
                   "fold_probabilities": per_fold, "n_patches": len(features),
                   "features": str(extracted.feature_set.dir), **({"note": note} if note else {})}
+        size0 = int(feature_attrs(h5_path)["patch_size_level0"])
+        regions = annotation_file(params.annotations, sid)
+        with Slide(source.path, mpp=source.mpp) as slide:
+            if regions is not None:
+                result["top10_on_annotation"] = top_k_on_annotation(regions, slide.dimensions, coords, size0,
+                                                                    attention)
+            heatmap_path = render_heatmap(
+                slide, coords, size0, attention, out_dir / f"{sid}_heatmap.png",
+                annotations=outer_rings(regions) if regions else (),
+                title=f"{sid}: {result['predicted']} ({max(mean):.2f}), run {run.name}") if params.heatmap else None
         json_path = out_dir / f"{sid}.json"
         write_json_atomic(json_path, result)
-        heatmap_path = None
-        if params.heatmap:
-            size0 = int(feature_attrs(h5_path)["patch_size_level0"])
-            with Slide(source.path, mpp=source.mpp) as slide:
-                heatmap_path = render_heatmap(slide, coords, size0, attention, out_dir / f"{sid}_heatmap.png")
-        predictions.append(SlidePrediction(sid, "done", result["probabilities"], result["predicted"], json_path,
+        predictions.append(SlidePrediction(sid, DONE, result["probabilities"], result["predicted"], json_path,
                                            heatmap_path, work.patch_set(patch_params.config_name()).qc(sid),
                                            note=note))
     return PredictResult(run.dir, classes, predictions, out_dir)

@@ -1,21 +1,26 @@
-"""Attention heatmaps over the slide thumbnail (CLAM-style: per-slide percentile scores, jet colours)."""
+"""Attention heatmaps a pathologist can read: the slide stays visible under a translucent overlay, a colour bar
+says what the colours mean, and annotated regions (e.g. lesions) are outlined when given.
+
+Scores are normalised per slide by rank (CLAM's convention): raw attention spans orders of magnitude and only
+the ranking within one slide is comparable; the colour bar's label says so. Patches the model masked out
+(attention exactly 0) stay at the bottom of the scale.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.workspace.files import atomic_write
 
+Polygon = np.ndarray  # (k, 2) level-0 px
+
 
 def percentile_scores(attention: np.ndarray) -> np.ndarray:
-    """Rank-normalise to (0, 1]: raw attention spans orders of magnitude; ranks show where the model looks.
-
-    Exact zeros (instances the model masked out) stay 0.
-    """
+    """Rank-normalise to (0, 1]; exact zeros (instances the model masked out) stay 0."""
     scores = np.zeros(len(attention), np.float64)
     live = attention > 0
     if live.any():
@@ -24,22 +29,50 @@ def percentile_scores(attention: np.ndarray) -> np.ndarray:
     return scores
 
 
+def heat_image(shape: tuple[int, int], scale: float, coords: np.ndarray, patch_size_level0: int,
+               scores: np.ndarray) -> np.ndarray:
+    """(h, w) float image at `scale` × level 0: each patch painted with its score (max where patches overlap),
+    NaN where there is no patch (drawn transparent)."""
+    heat = np.full(shape, np.nan, np.float32)
+    size = max(1, int(round(patch_size_level0 * scale)))
+    for (x, y), score in zip(coords, scores, strict=True):
+        x0, y0 = int(x * scale), int(y * scale)
+        block = heat[y0:y0 + size, x0:x0 + size]
+        block[:] = np.fmax(block, score)
+    return heat
+
+
 def render_heatmap(slide: Slide, coords: np.ndarray, patch_size_level0: int, attention: np.ndarray, path: Path,
-                   *, max_size: int = 1024, alpha: float = 0.5) -> Path:
-    """Paint each patch's score over the thumbnail and save a PNG (atomically)."""
+                   *, annotations: Sequence[Polygon] = (), title: str = "", max_size: int = 1024,
+                   alpha: float = 0.45) -> Path:
+    """Save the thumbnail with the attention overlay, a colour bar and annotation outlines as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     thumb = slide.thumbnail(max_size)
     scale = thumb.shape[1] / slide.dimensions[0]
-    heat = np.zeros(thumb.shape[:2], np.float32)
-    covered = np.zeros(thumb.shape[:2], bool)
-    size = max(1, int(round(patch_size_level0 * scale)))
-    for (x, y), score in zip(coords, percentile_scores(np.asarray(attention, np.float64)), strict=True):
-        x0, y0 = int(x * scale), int(y * scale)
-        heat[y0:y0 + size, x0:x0 + size] = np.maximum(heat[y0:y0 + size, x0:x0 + size], score)
-        covered[y0:y0 + size, x0:x0 + size] = True
-    colours = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    image = cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR)
-    blended = cv2.addWeighted(image, 1 - alpha, colours, alpha, 0)
-    image[covered] = blended[covered]
+    heat = heat_image(thumb.shape[:2], scale, coords, patch_size_level0,
+                      percentile_scores(np.asarray(attention, np.float64)))
+    height, width = thumb.shape[:2]
+    fig, ax = plt.subplots(figsize=(8, 8 * height / width + 0.8), dpi=120)
+    ax.imshow(thumb)
+    overlay = ax.imshow(np.ma.masked_invalid(heat), cmap="jet", vmin=0, vmax=1, alpha=alpha,
+                        interpolation="nearest")
+    for i, polygon in enumerate(annotations):
+        ring = np.asarray(polygon, np.float64) * scale
+        ring = np.vstack([ring, ring[:1]])
+        ax.plot(ring[:, 0], ring[:, 1], color="lime", linewidth=1.5, label="annotation" if i == 0 else None)
+    if len(annotations):
+        ax.legend(loc="lower right", fontsize=8, framealpha=0.8)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=10)
+    bar = fig.colorbar(overlay, ax=ax, fraction=0.035, pad=0.02)
+    bar.set_label("attention rank within this slide (percentile)", fontsize=8)
+    bar.solids.set_alpha(1)
+    fig.tight_layout()
     with atomic_write(path) as tmp:
-        tmp.write_bytes(cv2.imencode(".png", image)[1].tobytes())
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
     return path

@@ -42,12 +42,17 @@ def patch(
     mpp: Annotated[float | None, typer.Option("--mpp", help="µm/px for slides that record none.")] = None,
     allow_upsample: Annotated[bool, typer.Option("--allow-upsample", help="Allow --mag above the scan.")] = False,
     masks: Annotated[Path | None, typer.Option("--masks", help="Folder of <slide_id>.geojson|.png masks.")] = None,
+    tissue: Annotated[str, typer.Option("--tissue", help="auto | brightfield | fluorescence (dark background).")
+                      ] = "auto",
     workers: Annotated[int, typer.Option("--workers", help="Slides processed in parallel.")] = 1,
     shard: ShardOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Segment tissue and lay a patch grid at a physical magnification → coords h5 + QC images."""
+    """Segment tissue and lay a patch grid at a physical magnification → coords h5 + QC images.
+
+    SLIDES may be DICOM WSI: a series folder (or any .dcm file of it) is one slide, named by the folder.
+    """
     from wsi_pipeline.stages import patch as patch_stage
     from wsi_pipeline.stages.inputs import resolve_inputs
 
@@ -55,6 +60,7 @@ def patch(
         sources = resolve_inputs(slides, mpp=mpp)
         params = patch_stage.PatchParams(magnification_x=mag, patch_size_px=patch_size, overlap_px=overlap,
                                          min_tissue_fraction=min_tissue, allow_upsample=allow_upsample,
+                                         segment=patch_stage.SegmentParams(tissue=tissue),
                                          masks=masks.resolve() if masks else None)
         with slide_progress(len(sources), "patching", quiet) as on_done:
             result = patch_stage.patch(sources, params, out=out, workers=workers, shard=shard, force=force,

@@ -17,6 +17,7 @@ from wsi_pipeline.cli_console import (
     console,
     out_console,
     patch_progress,
+    report_findings,
     report_outcomes,
     slide_progress,
     user_errors,
@@ -176,7 +177,7 @@ def predict(
 
 @app.command()
 def info(
-    slide: Annotated[Path, typer.Argument(help="A slide file.")],
+    slide: Annotated[Path, typer.Argument(help="A slide file, or a DICOM WSI series folder.")],
     mpp: Annotated[float | None, typer.Option("--mpp", help="Override the slide's µm/px.")] = None,
 ) -> None:
     """Levels, MPP (and where it came from), magnification and vendor of a slide."""
@@ -224,6 +225,21 @@ def status(out: OutOpt = None) -> None:
         table.add_row(str(run.dir.relative_to(layout.root)), f"{done} folds", "", "",
                       "summary.csv" if run.summary.is_file() else "in progress")
     out_console.print(table)
+
+
+@app.command()
+def doctor(
+    gpu: Annotated[bool, typer.Option("--gpu", help="Also run the GPU self-check (< 60 s): CUDA vs CPU.")] = False,
+) -> None:
+    """Versions, devices, scan backends and cached weights; --gpu: GPU vs CPU self-check. Exit 1 on a failure."""
+    from wsi_pipeline.doctor import environment_report
+
+    findings = environment_report()
+    if gpu:
+        from wsi_pipeline.doctor.gpu import gpu_report
+
+        findings += gpu_report()
+    report_findings(findings)
 
 
 def main() -> None:

@@ -152,3 +152,20 @@ def test_gpu_flag_without_a_gpu_says_so_in_one_line(tmp_path):
     proc = run_cli("doctor", "--gpu")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "no CUDA GPU" in proc.stdout and "1 check(s) failed: cuda" in proc.stderr
+
+
+def test_gmmamba_runs_get_fresh_leaves(one_torch_thread):
+    """Each run's input gradient is its own: a shared leaf would accumulate both runs' gradients into one tensor
+    and make any comparison of them pass."""
+    import copy
+
+    from wsi_pipeline.models.mil.gmmamba import GMMamba
+
+    torch.manual_seed(0)
+    model = GMMamba(16, 2, d_model=16, n_groups=2, mask_ratio=0.0, min_one_masked=False).eval()
+    features, coords, weight = torch.randn(40, 16), torch.randint(0, 1000, (40, 2)), torch.randn(40)
+    groups = model.make_groups(None, coords.numpy())
+    first = selfcheck.gmmamba_run(model, features, coords, groups, weight)
+    second = selfcheck.gmmamba_run(copy.deepcopy(model), features, coords, groups, weight)
+    assert not features.requires_grad and first["d_features"] is not second["d_features"]
+    assert torch.equal(first["d_features"], second["d_features"])

@@ -50,17 +50,15 @@ def gpu_report() -> list[Finding]:
 def relative_max_diff(got: Tensors, ref: Tensors) -> tuple[str, float]:
     """The worst-agreeing tensor's name and its max |got − ref| / max |ref| (inf on a shape mismatch or a
     non-finite value). `got` may live on another device; both are compared in float64 on the CPU."""
-    worst, worst_diff = "", 0.0
+    diffs = {}
     for key, r in ref.items():
         g = got[key].detach().to("cpu", torch.float64)
         r = r.detach().to("cpu", torch.float64)
         if g.shape != r.shape or not (torch.isfinite(g).all() and torch.isfinite(r).all()):
             return key, float("inf")
-        scale = float(r.abs().max()) if r.numel() else 0.0
-        diff = float((g - r).abs().max()) / max(scale, 1e-12) if r.numel() else 0.0
-        if diff >= worst_diff:
-            worst, worst_diff = key, diff
-    return worst, worst_diff
+        diffs[key] = float((g - r).abs().max()) / max(float(r.abs().max()), 1e-12) if r.numel() else 0.0
+    worst = max(diffs, key=diffs.__getitem__)
+    return worst, diffs[worst]
 
 
 def comparison(name: str, got: Tensors, ref: Tensors, tolerance: float, note: str = "") -> Finding:
@@ -152,7 +150,7 @@ def gmmamba_run(model: torch.nn.Module, features: torch.Tensor, coords: torch.Te
     """One forward/backward of a loss touching logits and attention: outputs and all gradients."""
     device = next(model.parameters()).device
     model.zero_grad(set_to_none=True)
-    x = features.to(device).requires_grad_(True)
+    x = features.detach().to(device, copy=True).requires_grad_(True)  # a fresh leaf on every run
     logits, attn = model(x, coords.to(device), groups)
     (logits.sum() + (attn * weight.to(device)).sum()).backward()
     grads = {f"d_{k}": p.grad for k, p in model.named_parameters() if p.grad is not None}

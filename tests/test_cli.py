@@ -1,4 +1,4 @@
-"""The CLI answers `--help`, `info` and `status` without importing torch or timm (start-up matters)."""
+"""The CLI answers `--help`, `info`, `status` and `doctor` without importing torch or timm (start-up matters)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ print("HEAVY:", sorted(m for m in ("torch", "timm", "numba") if m in sys.modules
 """
 
 
-@pytest.mark.parametrize("args", [["--help"], ["status"], ["info", "SLIDE"]])
+@pytest.mark.parametrize("args", [["--help"], ["status"], ["info", "SLIDE"], ["doctor"]])
 def test_light_commands_do_not_import_torch(args, tmp_path):
     args = [str(sample_slide("CMU-1-Small-Region.svs")) if a == "SLIDE" else a for a in args]
     if args[0] == "status":

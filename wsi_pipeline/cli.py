@@ -17,6 +17,7 @@ from wsi_pipeline.cli_console import (
     console,
     out_console,
     patch_progress,
+    report_findings,
     report_outcomes,
     slide_progress,
     user_errors,
@@ -42,12 +43,17 @@ def patch(
     mpp: Annotated[float | None, typer.Option("--mpp", help="µm/px for slides that record none.")] = None,
     allow_upsample: Annotated[bool, typer.Option("--allow-upsample", help="Allow --mag above the scan.")] = False,
     masks: Annotated[Path | None, typer.Option("--masks", help="Folder of <slide_id>.geojson|.png masks.")] = None,
+    tissue: Annotated[str, typer.Option("--tissue", help="auto | brightfield | fluorescence (dark background).")
+                      ] = "auto",
     workers: Annotated[int, typer.Option("--workers", help="Slides processed in parallel.")] = 1,
     shard: ShardOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Segment tissue and lay a patch grid at a physical magnification → coords h5 + QC images."""
+    """Segment tissue and lay a patch grid at a physical magnification → coords h5 + QC images.
+
+    SLIDES may be DICOM WSI: a series folder (or any .dcm file of it) is one slide, named by the folder.
+    """
     from wsi_pipeline.stages import patch as patch_stage
     from wsi_pipeline.stages.inputs import resolve_inputs
 
@@ -55,6 +61,7 @@ def patch(
         sources = resolve_inputs(slides, mpp=mpp)
         params = patch_stage.PatchParams(magnification_x=mag, patch_size_px=patch_size, overlap_px=overlap,
                                          min_tissue_fraction=min_tissue, allow_upsample=allow_upsample,
+                                         segment=patch_stage.SegmentParams(tissue=tissue),
                                          masks=masks.resolve() if masks else None)
         with slide_progress(len(sources), "patching", quiet) as on_done:
             result = patch_stage.patch(sources, params, out=out, workers=workers, shard=shard, force=force,
@@ -174,7 +181,7 @@ def predict(
 
 @app.command()
 def info(
-    slide: Annotated[Path, typer.Argument(help="A slide file.")],
+    slide: Annotated[Path, typer.Argument(help="A slide file, or a DICOM WSI series folder.")],
     mpp: Annotated[float | None, typer.Option("--mpp", help="Override the slide's µm/px.")] = None,
 ) -> None:
     """Levels, MPP (and where it came from), magnification and vendor of a slide."""
@@ -222,6 +229,21 @@ def status(out: OutOpt = None) -> None:
         table.add_row(str(run.dir.relative_to(layout.root)), f"{done} folds", "", "",
                       "summary.csv" if run.summary.is_file() else "in progress")
     out_console.print(table)
+
+
+@app.command()
+def doctor(
+    gpu: Annotated[bool, typer.Option("--gpu", help="Also run the GPU self-check (< 60 s): CUDA vs CPU.")] = False,
+) -> None:
+    """Versions, devices, scan backends and cached weights; --gpu: GPU vs CPU self-check. Exit 1 on a failure."""
+    from wsi_pipeline.doctor import environment_report
+
+    findings = environment_report()
+    if gpu:
+        from wsi_pipeline.doctor.gpu import gpu_report
+
+        findings += gpu_report()
+    report_findings(findings)
 
 
 def main() -> None:

@@ -111,3 +111,23 @@ def report_outcomes(outcomes: list[Any], out_dir: Path) -> None:
         raise typer.Exit(1)
 
 
+
+
+def report_findings(findings: list[Any]) -> None:
+    """`wsip doctor`'s findings as one table (stdout); exit 1 when any failed."""
+    from rich.table import Table
+
+    colours = {"ok": "green", "info": "cyan", "warn": "yellow", "fail": "bold red"}
+    table = Table(title="wsip doctor", show_lines=False)
+    for col in ("", "check", "result", "status"):
+        table.add_column(col)
+    section = None
+    for f in findings:
+        table.add_row(f.section if f.section != section else "", f.name, f.value,
+                      f"[{colours.get(f.status, 'white')}]{f.status}[/]")
+        section = f.section
+    out_console.print(table)
+    failed = [f for f in findings if f.status == "fail"]
+    if failed:
+        console.print(f"[red]{len(failed)} check(s) failed[/]: " + ", ".join(f.name for f in failed), highlight=False)
+        raise typer.Exit(1)

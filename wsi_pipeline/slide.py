@@ -1,8 +1,11 @@
 """`Slide`: one small, obvious object over a whole-slide image (after openslide-python's own surface).
 
-Backends, tried in order: OpenSlide (every vendor format); tiatoolbox's reader when it is already installed
-(formats OpenSlide refuses); and a plain-image reader for small untiled TIFF/PNG/JPEG files (OpenSlide's
-own `ImageSlide`, PIL-based). Everything else — segmentation, grids — lives outside this module.
+Backends, tried in order: OpenSlide (every vendor format, and DICOM WSI since OpenSlide 4); tiatoolbox's reader
+when it is already installed (formats OpenSlide refuses); and a plain-image reader for small untiled TIFF/PNG/JPEG
+files (OpenSlide's own `ImageSlide`, PIL-based). Everything else — segmentation, grids — lives outside this module.
+
+A DICOM WSI is a series of .dcm files (one per pyramid level, plus label/overview images) kept in one folder: a
+slide is then that folder, or any .dcm file in it, and its id is the folder's name (docs/slides.md).
 """
 
 from __future__ import annotations
@@ -121,6 +124,35 @@ def _openslide_open(path: Path) -> Any:
     return openslide.OpenSlide(str(path))
 
 
+def is_dicom_folder(path: Path) -> bool:
+    """A folder that directly holds .dcm files: one DICOM WSI series, i.e. one slide (docs/slides.md)."""
+    return path.is_dir() and any(p.suffix.lower() == ".dcm" and p.is_file() for p in path.iterdir())
+
+
+def slide_location(path: Path) -> Path:
+    """The path a slide is known by: a .dcm file stands for its series folder, anything else for itself."""
+    return path.parent if path.suffix.lower() == ".dcm" and path.is_file() else path
+
+
+def slide_id_for(path: Path) -> str:
+    """Outputs are named by it: the file name without extension (CLAM/TRIDENT convention), or the series
+    folder's name for a DICOM WSI, whose files are named by UIDs and are only parts of one slide."""
+    location = slide_location(path)
+    return location.name if location.is_dir() else location.stem
+
+
+def _dicom_series_file(folder: Path) -> Path:
+    """The .dcm file OpenSlide is given for a series folder: the first in name order that is a DICOM WSI
+    (OpenSlide then gathers the rest of that file's series from the folder itself)."""
+    import openslide
+
+    for candidate in sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file()):
+        if openslide.OpenSlide.detect_format(str(candidate)) == "dicom":
+            return candidate
+    raise SlideError(f"{folder}: no DICOM WSI file (VL Whole Slide Microscopy Image) among its .dcm files; "
+                     "give the folder of the slide's series")
+
+
 def _open_backend(path: Path) -> tuple[Any, str]:
     import importlib.util
 
@@ -162,9 +194,16 @@ class Slide:
 
     def __init__(self, path: str | os.PathLike[str], *, mpp: float | None = None):
         self.path = Path(path)
-        if not self.path.is_file():
+        if is_dicom_folder(self.path):
+            file = _dicom_series_file(self.path)
+        elif self.path.is_dir():
+            raise SlideError(f"{self.path}: a folder, and no DICOM WSI series (no .dcm files in it); give a slide "
+                             "file, or the folder of a DICOM series")
+        elif not self.path.is_file():
             raise SlideError(f"{self.path}: no such file; check the path")
-        self._handle, self.backend = _open_backend(self.path)
+        else:
+            file = self.path
+        self._handle, self.backend = _open_backend(file)
         props = dict(self._handle.properties)
         if self.backend == "image":
             props.update(_tiff_mpp_from_pil(self._handle))
@@ -179,8 +218,8 @@ class Slide:
     # ---------------------------------------------------------------- metadata
     @property
     def slide_id(self) -> str:
-        """File name without extension (CLAM/TRIDENT convention)."""
-        return self.path.stem
+        """File name without extension (CLAM/TRIDENT convention); a DICOM series' folder name."""
+        return slide_id_for(self.path)
 
     @property
     def dimensions(self) -> tuple[Level0Px, Level0Px]:

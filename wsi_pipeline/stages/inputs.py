@@ -10,23 +10,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wsi_pipeline.errors import InputError
-from wsi_pipeline.slide import is_slide_file
+from wsi_pipeline.slide import is_slide_file, slide_id_for, slide_location
 
 
 @dataclass(frozen=True)
 class SlideSource:
-    """One slide to process (absolute path) with its optional per-slide MPP override (a CSV `mpp` column)."""
+    """One slide to process (absolute path) with its optional per-slide MPP override (a CSV `mpp` column).
+
+    A DICOM WSI is its series folder: a .dcm file given here stands for the folder it is in.
+    """
 
     path: Path
     mpp: float | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path).expanduser().absolute())
+        object.__setattr__(self, "path", slide_location(Path(self.path).expanduser().absolute()))
 
     @property
     def slide_id(self) -> str:
-        """File name without extension (CLAM/TRIDENT convention): outputs are named by it."""
-        return self.path.stem
+        """File name without extension (CLAM/TRIDENT convention), or a DICOM series' folder name: outputs are
+        named by it."""
+        return slide_id_for(self.path)
 
 
 def _csv_mpp(text: str, where: str) -> float | None:
@@ -58,6 +62,8 @@ def _read_slide_csv(path: Path) -> list[SlideSource]:
 def resolve_inputs(inputs: Iterable[str | os.PathLike[str]], *, mpp: float | None = None) -> list[SlideSource]:
     """Files, folders (recursing over known WSI extensions) or CSVs with `slide_path`[, `mpp`] → slides.
 
+    In a folder, the .dcm files of one sub-folder are one DICOM WSI series, so one slide named by that folder.
+
     `mpp` (the `--mpp` flag) applies to slides without a CSV value. A path given on the command line that
     does not exist is an input error; a CSV row naming a missing file fails that slide only. Duplicate
     slide ids are an error, since every output is named by slide id.
@@ -66,7 +72,8 @@ def resolve_inputs(inputs: Iterable[str | os.PathLike[str]], *, mpp: float | Non
     sources: list[SlideSource] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            sources += [SlideSource(p) for p in sorted(item.rglob("*")) if p.is_file() and is_slide_file(p)]
+            files = (p for p in sorted(item.rglob("*")) if p.is_file() and is_slide_file(p))
+            sources += [SlideSource(p) for p in dict.fromkeys(map(slide_location, files))]
         elif item.suffix.lower() == ".csv" and item.is_file():
             sources += _read_slide_csv(item)
         elif item.exists():
@@ -78,7 +85,8 @@ def resolve_inputs(inputs: Iterable[str | os.PathLike[str]], *, mpp: float | Non
     for s in sources:
         if s.slide_id in seen and seen[s.slide_id] != s.path:
             raise InputError(f"two slides share the id {s.slide_id!r}: {seen[s.slide_id]} and {s.path}; "
-                             "rename one (outputs are named by file name without extension)")
+                             "rename one (outputs are named by file name without extension, or by a DICOM "
+                             "series' folder name)")
         seen[s.slide_id] = s.path
     unique = {s.slide_id: s for s in sources}
     if not unique:

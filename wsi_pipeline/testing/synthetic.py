@@ -1,8 +1,10 @@
-"""Write multi-level Aperio-style slides that OpenSlide opens (docs/design.md §11), for tests, benchmarks and the demo.
+"""Write multi-level slides that OpenSlide opens (docs/design.md §11), for tests, benchmarks and the demo.
 
-tifffile (extra `dev`) writes the pyramid; we do not write our own TIFF encoder. Recipe: page 0 tiled 256×256
-JPEG with an Aperio description (OpenSlide then reports vendor aperio, MPP and objective power), page 1 a
-small untiled thumbnail, then the reduced levels tiled with subfiletype 0.
+Aperio-style TIFF: tifffile (extra `dev`) writes the pyramid; we do not write our own TIFF encoder. Recipe: page
+0 tiled 256×256 JPEG with an Aperio description (OpenSlide then reports vendor aperio, MPP and objective power),
+page 1 a small untiled thumbnail, then the reduced levels tiled with subfiletype 0.
+DICOM WSI: pydicom (extra `dev`) writes one file per level into a series folder (docs/slides.md).
+The images: real tissue tiled on glass, procedural H&E, and procedural fluorescence on a dark background.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -28,18 +31,24 @@ def write_aperio_slide(
     downsamples: Sequence[int] = (4, 16),
     tile: int = 256,
     quality: int = 80,
+    compression: str = "jpeg",
 ) -> Path:
-    """Write `image` (h, w, 3 uint8, level 0) as an Aperio SVS-like TIFF with the given reduced levels."""
+    """Write `image` (h, w, 3 uint8, level 0) as an Aperio SVS-like TIFF with the given reduced levels.
+
+    `compression`: "jpeg" (lossy at `quality`, as scanners write) or "zlib" (lossless: every level reads back
+    exactly as `reduced_level` makes it, e.g. for a twin of `write_dicom_slide`).
+    """
     import tifffile
 
     path = Path(path)
     h, w = image.shape[:2]
+    codec = f"JPEG/RGB Q={quality}" if compression == "jpeg" else f"{compression.upper()}/RGB"
     description = (
-        f"Aperio Image Library v12.0.15 \r\n{w}x{h} ({tile}x{tile}) JPEG/RGB Q={quality}"
+        f"Aperio Image Library v12.0.15 \r\n{w}x{h} ({tile}x{tile}) {codec}"
         f"|AppMag = {app_mag:g}|MPP = {mpp:.4f}"
     )
-    options = {"photometric": "rgb", "compression": "jpeg", "compressionargs": {"level": quality},
-               "metadata": None}
+    options = {"photometric": "rgb", "compression": compression, "metadata": None,
+               **({"compressionargs": {"level": quality}} if compression == "jpeg" else {})}
     thumb_scale = 768 / max(h, w)
     thumb = cv2.resize(image, (max(1, round(w * thumb_scale)), max(1, round(h * thumb_scale))),
                        interpolation=cv2.INTER_AREA)
@@ -47,10 +56,88 @@ def write_aperio_slide(
         tif.write(image, tile=(tile, tile), description=description, **options)
         tif.write(thumb, description=f"Aperio Image Library v12.0.15 \r\n{w}x{h} -> thumbnail", **options)
         for ds in downsamples:
-            level = cv2.resize(image, (max(1, w // ds), max(1, h // ds)), interpolation=cv2.INTER_AREA)
+            level = reduced_level(image, ds)
             tif.write(level, tile=(tile, tile), subfiletype=0, description=f"{w}x{h} -> {level.shape[1]}x"
                       f"{level.shape[0]}", **options)
     return path
+
+
+def reduced_level(image: np.ndarray, downsample: int) -> np.ndarray:
+    """A pyramid level: `image` area-resized to ⌊w / downsample⌋ × ⌊h / downsample⌋ (both writers use it)."""
+    h, w = image.shape[:2]
+    return cv2.resize(image, (max(1, w // downsample), max(1, h // downsample)), interpolation=cv2.INTER_AREA)
+
+
+def write_dicom_slide(
+    folder: str | os.PathLike[str],
+    image: np.ndarray,
+    *,
+    mpp: float = 0.25,
+    app_mag: float = 40,
+    downsamples: Sequence[int] = (4, 16),
+    tile: int = 256,
+) -> Path:
+    """Write `image` as a DICOM WSI series in `folder`: one uncompressed TILED_FULL file per level.
+
+    Levels are `reduced_level`'s, as in `write_aperio_slide`, so a lossless TIFF written from the same image
+    is a pixel-exact twin. The attributes are those OpenSlide (libdicom) reads — VL Whole Slide Microscopy
+    Image, ImageType …/VOLUME/…, tile and total sizes, 8-bit RGB, PixelSpacing (mm) in the shared functional
+    groups, ObjectiveLensPower in the optical path — not a complete IOD (no patient or specimen modules).
+    """
+    from pydicom.uid import generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    uids = {"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(),
+            "FrameOfReferenceUID": generate_uid()}
+    h, w = image.shape[:2]
+    for i, ds in enumerate((1, *downsamples)):
+        level = image if ds == 1 else reduced_level(image, ds)
+        spacing_mm = (mpp * h / level.shape[0] / 1000, mpp * w / level.shape[1] / 1000)  # (row, column)
+        dataset = _dicom_level(level, tile, spacing_mm, app_mag, original=i == 0, uids=uids)
+        dataset.InstanceNumber = i + 1
+        dataset.save_as(folder / f"level-{i}.dcm", enforce_file_format=True)
+    return folder
+
+
+def _dicom_level(level: np.ndarray, tile: int, spacing_mm: tuple[float, float], app_mag: float, *,
+                 original: bool, uids: dict[str, str]) -> Any:
+    """One pyramid level as a pydicom Dataset: frames are the tiles in row-major order (TILED_FULL), edge
+    tiles padded with black as the standard allows (readers crop to the total pixel matrix)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, VLWholeSlideMicroscopyImageStorage, generate_uid
+
+    h, w = level.shape[:2]
+    rows, cols = -(-h // tile), -(-w // tile)
+    padded = np.zeros((rows * tile, cols * tile, 3), np.uint8)
+    padded[:h, :w] = level
+    frames = padded.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = VLWholeSlideMicroscopyImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    for key, uid in uids.items():
+        setattr(ds, key, uid)
+    ds.Modality = "SM"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if original else \
+        ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+    ds.Rows = ds.Columns = tile
+    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows, ds.TotalPixelMatrixFocalPlanes = w, h, 1
+    ds.NumberOfFrames, ds.DimensionOrganizationType = rows * cols, "TILED_FULL"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    measures = Dataset()
+    measures.PixelSpacing = [f"{v:.10g}" for v in spacing_mm]  # DS strings: at most 16 characters
+    measures.SliceThickness = "0.001"
+    shared = Dataset()
+    shared.PixelMeasuresSequence = [measures]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    optical_path = Dataset()
+    optical_path.OpticalPathIdentifier, optical_path.ObjectiveLensPower = "1", f"{app_mag:g}"
+    ds.OpticalPathSequence, ds.NumberOfOpticalPaths = [optical_path], 1
+    ds.PixelData = np.ascontiguousarray(frames).tobytes()
+    return ds
 
 
 def tile_tissue(source: np.ndarray, size: tuple[int, int], *, background: int = 242,
@@ -106,12 +193,7 @@ def he_tissue(size: tuple[int, int], *, seed: int = 0, hotspots: int = 0, hotspo
     texture = cv2.GaussianBlur(rng.normal(0, 1, (h // 4 + 1, w // 4 + 1)).astype(np.float32), (0, 0), 1.5)
     texture = cv2.resize(texture, (w, h), interpolation=cv2.INTER_LINEAR)[..., None]
     image = (np.array([232, 160, 200], np.float32) + stain) + texture * np.array([10, 16, 10], np.float32)
-    nuclei = np.zeros((h, w), np.uint8)
-    n = int(nuclei_per_mpx * h * w / 1e6)
-    params = zip(rng.integers(0, w, n), rng.integers(0, h, n), rng.integers(3, 6, n), rng.integers(2, 5, n),
-                 rng.uniform(0, 180, n), strict=True)
-    for x, y, a, b, angle in params:
-        cv2.ellipse(nuclei, (int(x), int(y)), (int(a), int(b)), float(angle), 0, 360, 255, -1)
+    nuclei = _nuclei((h, w), rng, nuclei_per_mpx)
     inside = np.flatnonzero(region[::8, ::8])
     picks = rng.choice(inside, hotspots) if hotspots and len(inside) else []
     centres = [(int(i % ((w + 7) // 8)) * 8, int(i // ((w + 7) // 8)) * 8) for i in picks]
@@ -126,6 +208,43 @@ def he_tissue(size: tuple[int, int], *, seed: int = 0, hotspots: int = 0, hotspo
     image[~region] = 243.0  # glass
     image = cv2.GaussianBlur(image, (0, 0), 0.8)
     return np.clip(image, 0, 255).astype(np.uint8), centres
+
+
+def _nuclei(size: tuple[int, int], rng: np.random.Generator, per_mpx: float) -> np.ndarray:
+    """A uint8 {0, 255} mask of small random ellipses (3–5 × 2–4 px half-axes), `per_mpx` per megapixel."""
+    h, w = size
+    nuclei = np.zeros((h, w), np.uint8)
+    n = int(per_mpx * h * w / 1e6)
+    params = zip(rng.integers(0, w, n), rng.integers(0, h, n), rng.integers(3, 6, n), rng.integers(2, 5, n),
+                 rng.uniform(0, 180, n), strict=True)
+    for x, y, a, b, angle in params:
+        cv2.ellipse(nuclei, (int(x), int(y)), (int(a), int(b)), float(angle), 0, 360, 255, -1)
+    return nuclei
+
+
+def fluorescence_tissue(size: tuple[int, int], *, stain: str = "dapi", seed: int = 0, fill: float = 0.85
+                        ) -> np.ndarray:
+    """Procedural fluorescence on a dark background (camera offset and noise), tissue over `fill` of the frame.
+
+    `stain="dapi"`: blue nuclei over faint autofluorescence; `"tritc"`: a textured orange-red signal filling
+    the tissue. Both are dim (mostly below the value-50 "black" cut of brightfield segmentation), as 8-bit
+    renderings of a fluorescence channel often are.
+    """
+    if stain not in ("dapi", "tritc"):
+        raise ValueError(f"stain must be 'dapi' or 'tritc', got {stain!r}")
+    rng = np.random.default_rng(seed)
+    h, w = size
+    region = blob_mask((h, w), rng, fill=fill)
+    image = rng.normal(4.0, 1.5, (h, w, 3)).astype(np.float32)
+    texture = cv2.GaussianBlur(rng.normal(0, 1, (h // 8 + 1, w // 8 + 1)).astype(np.float32), (0, 0), 3.0)
+    texture = cv2.resize(texture / (texture.std() + 1e-6), (w, h), interpolation=cv2.INTER_LINEAR)[..., None]
+    if stain == "tritc":
+        signal = np.array([34.0, 12.0, 4.0], np.float32) * (1 + 0.25 * texture)
+    else:
+        weight = cv2.GaussianBlur(_nuclei((h, w), rng, 3000.0), (0, 0), 1.0).astype(np.float32)[..., None] / 255
+        signal = np.array([4.0, 6.0, 10.0], np.float32) * (1 + 0.25 * texture) + weight * np.float32([8, 30, 90])
+    image += np.where(region[..., None], signal, np.float32(0))
+    return np.clip(image, 0, 255).astype(np.uint8)
 
 
 DEMO_CLASSES = ("normal", "tumour")

@@ -111,8 +111,13 @@ def params_hash(params: Mapping[str, Any]) -> str:
 
 
 def file_fingerprint(path: str | os.PathLike[str]) -> str:
-    """Size + mtime: cheap, and changes whenever the file is replaced or rewritten."""
-    st = Path(path).stat()
+    """Size + mtime: cheap, and changes whenever the file is replaced or rewritten. A folder (a DICOM WSI
+    series) gets a digest of its files' names and fingerprints, so adding, removing or rewriting any changes it."""
+    path = Path(path)
+    if path.is_dir():
+        parts = [f"{p.name}:{file_fingerprint(p)}" for p in sorted(path.iterdir()) if p.is_file()]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    st = path.stat()
     return f"{st.st_size}-{st.st_mtime_ns}"
 
 

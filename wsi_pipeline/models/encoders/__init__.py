@@ -18,7 +18,6 @@ from wsi_pipeline.models.encoders.spec import (
     IMAGENET_STD,
     LUNIT_MEAN,
     LUNIT_STD,
-    LUNIT_VIT_S16_URL,
     Encoder,
     EncoderSpec,
     Preprocess,
@@ -33,6 +32,7 @@ from wsi_pipeline.models.encoders.weights import (
     read_state_dict,
 )
 from wsi_pipeline.models.encoders.zoo import get_spec, list_encoders
+from wsi_pipeline.models.pretrained import LUNIT_VIT_S16_URL
 from wsi_pipeline.workspace.files import file_sha256
 
 __all__ = [

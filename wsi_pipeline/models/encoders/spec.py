@@ -15,10 +15,6 @@ IMAGENET_MEAN: Triple = (0.485, 0.456, 0.406)
 IMAGENET_STD: Triple = (0.229, 0.224, 0.225)
 LUNIT_MEAN: Triple = (0.70322989, 0.53606487, 0.66096631)
 LUNIT_STD: Triple = (0.21716536, 0.26081574, 0.20723464)
-LUNIT_VIT_S16_URL = (
-    "https://github.com/lunit-io/benchmark-ssl-pathology/releases/download/pretrained-weights/"
-    "dino_vit_small_patch16_ep200.torch"
-)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Encoder weights: where pretrained ones come from (the Hugging Face hub cache, `torch.hub`'s checkpoint
-folder for URLs), how a checkpoint file is read and how its keys are mapped onto timm's names.
+"""Encoder weights: how pretrained ones are fetched into their caches (the Hugging Face hub cache, `torch.hub`'s
+checkpoint folder for URLs: `models/pretrained.py`), how a checkpoint file is read and how its keys are mapped
+onto timm's names.
 
 Unreachable weights are a `WeightsUnavailableError` naming the source and the `--weights` alternatives —
 never a silently random network.
@@ -14,16 +15,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from wsi_pipeline.errors import UserError, one_line
+from wsi_pipeline.models.pretrained import HF_FILENAMES, hf_cached_file, url_cache_path
 
 StateDict = Mapping[str, torch.Tensor]
 NETWORK_TIMEOUT_S = 10.0
-_HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 # Where training scripts nest the state dict inside a checkpoint (DINO keeps the eval model under 'teacher').
 _CONTAINER_KEYS = ("state_dict", "model", "teacher", "module")
 # Wrappers added by DDP ('module.') and by DINO's MultiCropWrapper ('backbone.'); never part of timm names.
@@ -148,27 +148,26 @@ def _probe(url: str) -> None:
 
 def _fetch_hf(repo_id: str) -> Path:
     """timm weights from the Hugging Face hub cache (no network when cached), else downloaded into it."""
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
-    for filename in _HF_FILENAMES:
-        cached = try_to_load_from_cache(repo_id, filename)
-        if isinstance(cached, str):
-            return Path(cached)
+    cached = hf_cached_file(repo_id)
+    if cached is not None:
+        return cached
     _raise_if_offline()
     _probe(constants.ENDPOINT)
-    for filename in _HF_FILENAMES:
+    for filename in HF_FILENAMES:
         try:
             return Path(hf_hub_download(repo_id, filename, etag_timeout=NETWORK_TIMEOUT_S))
         except RemoteEntryNotFoundError:
             continue
-    raise FileNotFoundError(f"none of {', '.join(_HF_FILENAMES)} in hub repo {repo_id}")
+    raise FileNotFoundError(f"none of {', '.join(HF_FILENAMES)} in hub repo {repo_id}")
 
 
 def _fetch_url(url: str) -> Path:
     """URL weights in ``torch.hub``'s cache (``<TORCH_HOME>/hub/checkpoints/<file name>``, the file
     ``torch.hub.load_state_dict_from_url`` would use), downloaded with a timeout and renamed atomically."""
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    cached = url_cache_path(url)
     if cached.is_file():
         return cached
     _raise_if_offline()

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from wsi_pipeline.errors import UnknownNameError, one_line
-from wsi_pipeline.models.encoders.spec import LUNIT_MEAN, LUNIT_STD, LUNIT_VIT_S16_URL, EncoderSpec
+from wsi_pipeline.models.encoders.spec import LUNIT_MEAN, LUNIT_STD, EncoderSpec
 from wsi_pipeline.models.encoders.weights import EncoderError
+from wsi_pipeline.models.pretrained import PRETRAINED_SOURCES
 
 
 def _build_resnet18() -> nn.Module:
@@ -31,7 +32,7 @@ _REGISTRY: dict[str, EncoderSpec] = {
     "resnet18": EncoderSpec(
         name="resnet18",
         builder=_build_resnet18,
-        weights_source="hf-hub:timm/resnet18.tv_in1k",  # torchvision's ImageNet weights, as timm hosts them
+        weights_source=PRETRAINED_SOURCES["resnet18"],
         dim=512,
         features="avgpool",
         classifier_prefix="fc",
@@ -39,7 +40,7 @@ _REGISTRY: dict[str, EncoderSpec] = {
     "vit_s16_ssl": EncoderSpec(
         name="vit_s16_ssl",
         builder=_build_vit_s16,
-        weights_source=LUNIT_VIT_S16_URL,
+        weights_source=PRETRAINED_SOURCES["vit_s16_ssl"],
         dim=384,
         features="cls",
         classifier_prefix="head",

@@ -5,14 +5,13 @@ tensors with those packages installed they call the upstream kernels. Everywhere
 on CPU, numba kernels (scan_cpu.py), which exist for speed and memory (SIMD over channels and a hand-derived
 backward that recomputes states from checkpoints, so the (L x d x n) state tensor of a PyTorch formulation is
 never held); on other devices or without numba, a chunked PyTorch loop with gradient checkpointing.
-`WSIP_SCAN=torch|cuda` forces one side.
+`WSIP_SCAN=torch|cuda` forces one side; the rule is `backend.plan`.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import os
 from collections.abc import Callable
 
 import numpy as np
@@ -21,14 +20,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from wsi_pipeline.models.ssm import scan_cpu
-
-_CUDA_HINT = "install it on a CUDA machine with: pip install 'wsi-pipeline[cuda]'"
-_CUDA_OPS = {
-    "selective_scan": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
-    "causal_conv1d": ("causal_conv1d", "causal_conv1d_fn"),
-}
-
+from wsi_pipeline.models.ssm import backend, scan_cpu
 
 # ---------------------------------------------------------------- backend choice
 
@@ -46,21 +38,20 @@ def _is_cuda(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
-def _cuda_op(op: str, t: torch.Tensor) -> Callable | None:
-    """The upstream kernel to use for `op` on tensor `t`, or None for our generic implementation."""
-    forced = os.environ.get("WSIP_SCAN", "").strip().lower()
-    if forced not in ("", "torch", "cuda"):
-        raise ValueError(f"WSIP_SCAN={forced!r} is not one of 'torch', 'cuda' (or unset for automatic)")
-    if forced == "torch":
-        return None
-    module, attr = _CUDA_OPS[op]
+def implementation(op: str, t: torch.Tensor) -> tuple[str, Callable | None]:
+    """`backend.plan`'s choice for `op` on tensor `t`, with the upstream kernel when that is the choice."""
+    module, attr, _ = backend.CUDA_OPS[op]
     fn, why = _load_cuda_op(module, attr)
-    if forced == "cuda":
-        if fn is None:
-            raise RuntimeError(f"WSIP_SCAN=cuda but {module}.{attr} is unavailable ({why}); {_CUDA_HINT}")
-        if not _is_cuda(t):
-            raise RuntimeError(f"WSIP_SCAN=cuda but the tensors are on {t.device}, not on a CUDA device")
-    return fn if fn is not None and _is_cuda(t) else None
+    device = "cuda" if _is_cuda(t) else t.device.type
+    choice = backend.plan(op, device, cuda_op=fn is not None, numba=scan_cpu.AVAILABLE, why=why)
+    return choice, fn if choice == backend.CUDA else None
+
+
+def cuda_kernel_error(op: str) -> str | None:
+    """None when `op`'s upstream CUDA kernel imports, else why not (what `wsip doctor --gpu` reports)."""
+    module, attr, _ = backend.CUDA_OPS[op]
+    fn, why = _load_cuda_op(module, attr)
+    return None if fn is not None else why
 
 
 # ---------------------------------------------------------------- public API
@@ -90,11 +81,11 @@ def selective_scan(
     Per channel: dt = delta + delta_bias (softplus'd if asked), h_t = exp(dt*A) h_{t-1} + dt u_t B_t,
     y_t = <h_t, C_t>. Returns y (b, d, L) in u's dtype.
     """
-    cuda_fn = _cuda_op("selective_scan", u)
+    choice, cuda_fn = implementation("selective_scan", u)
     if cuda_fn is not None:
         return cuda_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
     args = compute_args(u, delta, A, B, C, D, z, delta_bias)
-    if u.device.type == "cpu" and scan_cpu.AVAILABLE:
+    if choice == backend.NUMBA:
         y = _NumbaScan.apply(*args, delta_softplus)
     else:
         y = _scan_torch(*args, delta_softplus=delta_softplus)
@@ -110,10 +101,10 @@ def causal_conv1d(
     """
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
-    cuda_fn = _cuda_op("causal_conv1d", x)
+    choice, cuda_fn = implementation("causal_conv1d", x)
     if cuda_fn is not None:
         return cuda_fn(x, weight, bias, activation=activation)
-    if x.device.type == "cpu" and scan_cpu.AVAILABLE:  # torch's depthwise conv1d backward: ~10x slower
+    if choice == backend.NUMBA:  # torch's depthwise conv1d backward: ~10x slower
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         args = [None if t is None else t.to(dtype).contiguous() for t in (x, weight, bias)]
         return _NumbaCausalConv.apply(*args, activation is not None).to(x.dtype)

@@ -39,7 +39,7 @@ from wsi_pipeline.workspace.shards import parse_shard, take_shard
 __all__ = ["PatchParams", "PatchResult", "SegmentParams", "patch", "patch_slide", "plan_read"]
 
 MANIFEST_COLUMNS = ("slide_id", "slide_path", "status", "n_patches", "mpp", "mpp_source", "read_level",
-                    "read_size", "seconds", "error", "segment_s", "grid_s", "write_s")
+                    "read_size", "tissue", "seconds", "error", "segment_s", "grid_s", "write_s")
 # Every module whose behaviour decides the coords: changing any of them invalidates cached coords.
 _CODE = code_digest(__file__, grid.__file__, segment.__file__, qc.__file__, coords_store.__file__,
                     slide_module.__file__)
@@ -62,7 +62,8 @@ def slide_key(params: PatchParams, source: SlideSource) -> str:
     return params_hash({"params": asdict(params), "mpp": source.mpp, "code": _CODE})
 
 
-def _h5_attrs(slide: Slide, plan: ReadPlan, params: PatchParams, key: str, fingerprint: str) -> dict[str, Any]:
+def _h5_attrs(slide: Slide, plan: ReadPlan, params: PatchParams, tissue_mode: str, key: str, fingerprint: str
+              ) -> dict[str, Any]:
     level_w, level_h = slide.level_dimensions[plan.read_level]
     return {
         # CLAM
@@ -77,7 +78,7 @@ def _h5_attrs(slide: Slide, plan: ReadPlan, params: PatchParams, key: str, finge
         # ours
         "target_mpp": float(plan.target_mpp), "slide_mpp": float(plan.slide_mpp),
         "read_level": int(plan.read_level), "read_size": int(plan.read_size),
-        "output_size": int(params.patch_size_px), "mpp_source": plan.mpp_source,
+        "output_size": int(params.patch_size_px), "mpp_source": plan.mpp_source, "tissue_mode": tissue_mode,
         "cache_key": key, "slide_fingerprint": fingerprint,
     }
 
@@ -108,12 +109,12 @@ def patch_slide(source: SlideSource, *, params: PatchParams, patch_set: PatchSet
         t = time.perf_counter()
         qc.write_qc(patch_set.qc(source.slide_id), slide, tissue, coords, plan.patch_size_level0, sharper)
         row = {"n_patches": len(coords), "mpp": f"{plan.slide_mpp:.4f}", "mpp_source": plan.mpp_source,
-               "read_level": plan.read_level, "read_size": plan.read_size}
+               "read_level": plan.read_level, "read_size": plan.read_size, "tissue": tissue.mode}
         if len(coords) == 0:
             return SlideOutcome(source.slide_id, runner.NO_TISSUE, row,
                                 f"no tissue found ({tissue.tissue_area_um2 / 1e6:.3f} mm² detected); check the "
                                 "QC image, or lower --min-tissue / pass a mask")
-        write_coords(coords_path, coords, _h5_attrs(slide, plan, params, key, fingerprint))
+        write_coords(coords_path, coords, _h5_attrs(slide, plan, params, tissue.mode, key, fingerprint))
         timings["write_s"] = time.perf_counter() - t
     row.update({k: f"{v:.3f}" for k, v in timings.items()})
     return SlideOutcome(source.slide_id, runner.DONE, row)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline.errors import InputError
-from wsi_pipeline.stages.patch.segment import SegmentParams
+from wsi_pipeline.stages.patch.segment import TISSUE_MODES, SegmentParams
 from wsi_pipeline.workspace.files import params_hash
 
 
@@ -33,6 +33,8 @@ class PatchParams:
             raise InputError(f"--overlap must be in [0, patch size {self.patch_size_px}), got {self.overlap_px}")
         if not 0 <= self.min_tissue_fraction <= 1:
             raise InputError(f"--min-tissue must be in [0, 1], got {self.min_tissue_fraction}")
+        if self.segment.tissue not in TISSUE_MODES:
+            raise InputError(f"--tissue {self.segment.tissue}: choose {', '.join(TISSUE_MODES)}")
         if self.masks is not None and not Path(self.masks).is_dir():
             raise InputError(f"--masks {self.masks}: no such folder (one <slide_id>.geojson or .png per slide)")
 

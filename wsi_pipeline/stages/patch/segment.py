@@ -3,6 +3,10 @@
 At ~8 µm/px: HSV saturation → median blur → Otsu (floored, so an empty glass slide stays empty) →
 morphological close → contours with holes → area filters in µm². Optional: black-artefact and pen-mark
 removal, and a user mask (QuPath GeoJSON polygons in level-0 px, or a PNG) that restricts the tissue.
+
+Fluorescence (dark background, docs/slides.md): brightness (per-pixel max over the channels) replaces saturation,
+floored above the background instead, and nothing is removed as "black"; everything after the threshold is the
+same. `tissue="auto"` picks it when the segmentation image is mostly dark.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import numpy as np
 
 from wsi_pipeline.slide import Slide, SlideError
 from wsi_pipeline.units import MPP, Microns, SquareMicrons
+
+TISSUE_MODES = ("auto", "brightfield", "fluorescence")
+DARK_MEDIAN = 100  # auto: a segmentation image whose median brightness (0–255) is below this is fluorescence
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,8 @@ class SegmentParams:
     min_hole_um2: SquareMicrons = SquareMicrons(20_000.0)  # smaller holes are filled
     remove_black: bool = True  # folds, marker ink, scanner edges (value < 50)
     remove_pen: bool = False  # blue/green pen marks (strongly saturated, hue 90–150°)
+    tissue: str = "auto"  # auto | brightfield (stain on bright glass) | fluorescence (signal on a dark background)
+    min_signal: int = 10  # fluorescence: tissue is at least this much brighter than the background (0–255)
 
 
 @dataclass
@@ -40,6 +49,7 @@ class TissueMask:
     mask: np.ndarray  # uint8 {0, 255}, (h, w)
     downsample: float  # level-0 px per mask px
     image: np.ndarray  # the RGB image the mask was computed on (QC background)
+    mode: str = "brightfield"  # the tissue mode used: brightfield or fluorescence (`auto` resolved)
     contours: list[np.ndarray] = field(default_factory=list)  # outer contours, level-0 px, (k, 2)
     holes: list[np.ndarray] = field(default_factory=list)
     tissue_area_um2: float = 0.0
@@ -64,6 +74,29 @@ def _saturation_mask(rgb: np.ndarray, params: SegmentParams, px_um: float) -> np
     if params.remove_pen:
         hue = hsv[..., 0].astype(np.int32) * 2  # OpenCV hue is 0–179
         mask[(hue >= 90) & (hue <= 150) & (hsv[..., 1] > 100)] = 0
+    return mask
+
+
+def tissue_mode(image: np.ndarray, tissue: str = "auto") -> str:
+    """`brightfield` or `fluorescence`: `tissue` itself unless it is `auto`, which looks at the background's
+    brightness. Glass is bright (brightfield slides have a median near 240 even when stained tissue fills most of
+    the frame); a fluorescence background is near black, and its signal is dim in 8-bit renderings."""
+    if tissue != "auto":
+        return tissue
+    return "fluorescence" if float(np.median(image.max(axis=2))) < DARK_MEDIAN else "brightfield"
+
+
+def _brightness_mask(rgb: np.ndarray, params: SegmentParams, px_um: float) -> np.ndarray:
+    """Fluorescence: per-pixel max over the channels (any stain's signal) → median blur → Otsu, floored at
+    `min_signal` over the background (the darkest 1%), so an empty dark slide stays empty."""
+    value = cv2.medianBlur(np.ascontiguousarray(rgb.max(axis=2)), _odd(params.median_blur_um / px_um))
+    otsu, _ = cv2.threshold(value, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    thresh = max(int(otsu), int(np.percentile(value, 1)) + params.min_signal)
+    return (value > thresh).astype(np.uint8) * 255
+
+
+def _close(mask: np.ndarray, params: SegmentParams, px_um: float) -> np.ndarray:
+    """Morphological close: joins tissue split by thin gaps (both modes)."""
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (_odd(params.close_um / px_um),) * 2)
     return cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
 
@@ -152,7 +185,9 @@ def segment_tissue(slide: Slide, params: SegmentParams = SegmentParams(), *, use
     # the real scale of the image we got (rounding of its size)
     downsample = slide.dimensions[0] / image.shape[1]
     px_um = downsample * mpp
-    mask = _saturation_mask(image, params, px_um)
+    mode = tissue_mode(image, params.tissue)
+    threshold = _brightness_mask if mode == "fluorescence" else _saturation_mask
+    mask = _close(threshold(image, params, px_um), params, px_um)
     if user_mask is not None:
         mask &= load_user_mask(user_mask, mask.shape, downsample)
     mask, outers, holes = _filter_regions(mask, params, px_um * px_um)
@@ -160,6 +195,7 @@ def segment_tissue(slide: Slide, params: SegmentParams = SegmentParams(), *, use
         mask=mask,
         downsample=downsample,
         image=image,
+        mode=mode,
         contours=[(c[:, 0, :] * downsample).astype(np.int64) for c in outers],
         holes=[(c[:, 0, :] * downsample).astype(np.int64) for c in holes],
         tissue_area_um2=float(np.count_nonzero(mask)) * px_um * px_um,

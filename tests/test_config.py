@@ -261,3 +261,16 @@ def test_shipped_esca_example():
     rows = read_labels(examples / "esca_labels.example.csv")
     cases = Counter(case for _, _, case in rows)
     assert max(cases.values()) == 2 and {label for _, label, _ in rows} == {"EAC", "SCC"}
+
+
+def test_shipped_brca_example_makes_idc_positive():
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    cfg = load_config(examples / "brca.yaml")
+    rows = read_labels(examples / "brca_labels.example.csv")
+    labels = {label for _, label, _ in rows}
+    assert labels == {"IDC", "ILC"} and set(cfg.data.classes) == labels
+    assert cfg.data.classes[1] == "IDC"  # the positive class of binary F1 / precision / recall
+    assert sorted(labels)[1] == "ILC"  # what leaving `classes` out would have made positive
+    s = cfg.splits
+    assert (s.mode, s.train, s.val, s.test, s.repeats) == ("monte_carlo", 0.65, 0.10, 0.25, 5)
+    assert max(Counter(case for _, _, case in rows).values()) == 2  # one patient with two slides

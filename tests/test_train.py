@@ -151,6 +151,8 @@ def test_outputs_and_metrics_consistent_with_preds(reference, cohort_dir):
     report = (run / "report.md").read_text()
     assert f"| accuracy | {np.mean(accs):.3f} ± {np.std(accs):.3f} |" in report
     assert "name: run" in report
+    assert "3 folds (patient-level stratified k-fold, 25 % of the rest for val)." in report
+    assert "Positive class: **`pos`** (the second entry of `data.classes`)" in report
 
 
 def test_selection_and_early_stopping_follow_the_protocol(reference):

@@ -46,7 +46,7 @@ def write_report(
         f"# wsip run `{name}`",
         "",
         f"{len(folds)} {splits}.",
-        class_order_line(classes),
+        _class_order_line(classes),
         "Test metrics at each fold's selected epoch (best val F1 + AUC); mean ± std over folds, "
         "population std (ddof=0).",
         "",
@@ -85,11 +85,12 @@ def write_report(
         tmp.write_text("\n".join(lines))
 
 
-def class_order_line(classes: Sequence[str]) -> str:
+def _class_order_line(classes: Sequence[str]) -> str:
     """Which class the binary metrics call positive: the second of `data.classes` (docs/gmmamba.md §9)."""
     order = ", ".join(f"`{c}`" for c in classes)
     if len(classes) != 2:
-        return f"Classes (model output order): {order}; F1, precision and recall are macro averages."
+        return (f"Classes (model output order): {order}; F1, precision and recall are macro averages, AUC is "
+                "the macro one-vs-rest AUC.")
     return (f"Classes (model output order): {order}. Positive class: **`{classes[1]}`** (the second entry of "
             f"`data.classes`): F1, precision and recall are for `{classes[1]}`, AUC ranks slides by p(`{classes[1]}`).")
 

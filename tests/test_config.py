@@ -108,12 +108,41 @@ def test_classes_order_is_kept(project):
         ({"splits.val_fraction": 1.5}, r"'splits.val_fraction': Input should be less than 1"),
         ({"device": "gpu"}, r"'device': Value error, must be auto, cpu, cuda or cuda:<index>"),
         ({"name": "a/b"}, r"'name': Value error, must be a plain folder name"),
-        ({"model": {"name": "gmamba"}}, r"'model.name': Value error, unknown model; available: abmil, gmmamba"),
+        ({"model": {"name": "gmamba"}}, r"'model.name': Value error, unknown model; available: abmil, acmil, clam_sb"),
     ],
 )  # fmt: skip
 def test_schema_errors(project, changes, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_config(write_cfg(project, changes))
+    assert "\n" not in str(err.value)
+
+
+def test_splits_modes_fill_their_own_defaults(project):
+    kfold = config_to_dict(load_config(project / "cfg.yaml"))["splits"]
+    assert kfold == {"mode": "kfold", "folds": 2, "val_fraction": 0.2, "seed": 42, "file": None}
+    cfg = load_config(write_cfg(project, {"splits": {"mode": "monte_carlo"}}))
+    assert (cfg.splits.train, cfg.splits.val, cfg.splits.test, cfg.splits.repeats) == (0.65, 0.10, 0.25, 5)
+    assert config_to_dict(cfg)["splits"] == {
+        "mode": "monte_carlo", "train": 0.65, "val": 0.1, "test": 0.25, "repeats": 5, "seed": 42, "file": None,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("splits", "message"),
+    [
+        ({"mode": "monte_carlo", "train": 0.7}, r"cfg.yaml: 'splits': Value error, train \+ val \+ test must sum to 1, "
+                                                r"got 0.7 \+ 0.1 \+ 0.25 = 1.05$"),
+        ({"mode": "monte_carlo", "folds": 5}, r"'splits': Value error, key\(s\) folds belong to splits.mode kfold, not "
+                                              r"monte_carlo \(remove them, or set splits.mode: kfold\)$"),
+        ({"train": 0.6, "val": 0.2, "test": 0.2}, r"key\(s\) train, val, test belong to splits.mode monte_carlo, "
+                                                  r"not kfold \(remove them, or set splits.mode: monte_carlo\)$"),
+        ({"mode": "bootstrap"}, r"'splits.mode': Input should be 'kfold' or 'monte_carlo'"),
+        ({"mode": "monte_carlo", "repeats": 0}, r"'splits.repeats': Input should be greater than or equal to 1"),
+    ],
+)  # fmt: skip
+def test_splits_mode_errors(project, splits, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(write_cfg(project, {"splits": splits}))
     assert "\n" not in str(err.value)
 
 
@@ -232,3 +261,16 @@ def test_shipped_esca_example():
     rows = read_labels(examples / "esca_labels.example.csv")
     cases = Counter(case for _, _, case in rows)
     assert max(cases.values()) == 2 and {label for _, label, _ in rows} == {"EAC", "SCC"}
+
+
+def test_shipped_brca_example_makes_idc_positive():
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    cfg = load_config(examples / "brca.yaml")
+    rows = read_labels(examples / "brca_labels.example.csv")
+    labels = {label for _, label, _ in rows}
+    assert labels == {"IDC", "ILC"} and set(cfg.data.classes) == labels
+    assert cfg.data.classes[1] == "IDC"  # the positive class of binary F1 / precision / recall
+    assert sorted(labels)[1] == "ILC"  # what leaving `classes` out would have made positive
+    s = cfg.splits
+    assert (s.mode, s.train, s.val, s.test, s.repeats) == ("monte_carlo", 0.65, 0.10, 0.25, 5)
+    assert max(Counter(case for _, _, case in rows).values()) == 2  # one patient with two slides

@@ -109,7 +109,7 @@ def test_cache_key_and_bad_arguments() -> None:
 
 
 def test_registry_lists_models_and_does_not_import_torch() -> None:
-    assert list_models() == ["abmil", "gmmamba", "mambamil", "max", "mean", "transmil"]
+    assert list_models() == ["abmil", "acmil", "clam_sb", "dsmil", "gmmamba", "mambamil", "max", "mean", "transmil"]
     code = "import sys, wsi_pipeline.models.mil as m; m.list_models(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

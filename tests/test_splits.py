@@ -1,4 +1,4 @@
-"""Patient-level stratified k-fold with an inner val split, and user splits files."""
+"""Patient-level stratified k-fold with an inner val split, Monte-Carlo splits, and user splits files."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from wsi_pipeline.stages.train.splits import (
     PARTS,
     SplitRow,
     Splits,
+    make_monte_carlo_splits,
     make_splits,
     parse_splits_csv,
+    patient_counts,
     read_splits,
     write_splits,
 )
@@ -143,3 +145,94 @@ def test_user_splits_patient_leak_is_warned(tmp_path, caplog):
     path.write_text("fold,split,slide_id\n0,train,a1\n0,val,b\n0,test,a2\n")
     read_splits(path, known={"a1": "A", "a2": "A", "b": "B"})
     assert "patient(s) A have slides in more than one split" in caplog.text
+
+
+# ---------------------------------------------------------------- Monte-Carlo splits
+
+PAPER = (0.65, 0.10, 0.25)
+
+
+def mc_split(slides=None, **kw) -> Splits:
+    opts = {"fractions": PAPER, "repeats": 5, "seed": 42} | kw
+    return make_monte_carlo_splits(slides or cohort(50), **opts)
+
+
+def patients_per_part(splits: Splits, slides) -> dict[int, dict[str, set[str]]]:
+    case_of = {sid: case for sid, _, case in slides}
+    return {f: {p: {case_of[s] for s in splits.ids(f, p)} for p in PARTS} for f in splits.folds}
+
+
+def test_monte_carlo_no_patient_in_two_partitions_and_every_slide_used():
+    slides = cohort(50)
+    splits = mc_split(slides)
+    assert splits.folds == [0, 1, 2, 3, 4]  # "fold" = repeat index
+    for fold, parts in patients_per_part(splits, slides).items():
+        assert not (parts["train"] & parts["val"] or parts["train"] & parts["test"] or parts["val"] & parts["test"])
+        assert sorted(sid for p in PARTS for sid in splits.ids(fold, p)) == sorted(sid for sid, _, _ in slides)
+
+
+@pytest.mark.parametrize("n_patients", [20, 41, 45, 97])
+@pytest.mark.parametrize("fractions", [PAPER, (0.7, 0.1, 0.2), (0.6, 0.2, 0.2)])
+def test_monte_carlo_fractions_within_one_patient(n_patients, fractions):
+    slides = cohort(n_patients)
+    for parts in patients_per_part(mc_split(slides, fractions=fractions), slides).values():
+        for part, fraction in zip(PARTS, fractions, strict=True):
+            assert abs(len(parts[part]) - fraction * n_patients) < 1, (part, len(parts[part]))
+
+
+def test_patient_counts_round_by_largest_remainder():
+    assert patient_counts(45, PAPER) == [29, 5, 11]  # exact 29.25 / 4.5 / 11.25: the 0.5 gets the leftover
+    assert patient_counts(100, (0.29, 0.31, 0.4)) == [29, 31, 40]  # 0.29 * 100 = 28.999999999999996
+    for n in range(3, 200):
+        counts = patient_counts(n, PAPER)
+        assert sum(counts) == n and all(abs(c - f * n) < 1 for c, f in zip(counts, PAPER, strict=True))
+
+
+def test_monte_carlo_is_stratified():
+    slides = cohort(97)
+    label_of = {case: label for _, label, case in slides}
+    share = {label: n / 97 for label, n in Counter(label_of.values()).items()}  # ~60 % A, 40 % B
+    for parts in patients_per_part(mc_split(slides), slides).values():
+        for part in PARTS:
+            counts = Counter(label_of[c] for c in parts[part])
+            for label, fraction in share.items():
+                assert abs(counts[label] - fraction * len(parts[part])) <= 1, (part, label, counts)
+
+
+def test_monte_carlo_is_deterministic_and_repeats_differ():
+    assert mc_split(seed=7) == mc_split(seed=7)
+    assert mc_split(seed=7) != mc_split(seed=8)
+    splits = mc_split()
+    tests = {tuple(splits.ids(f, "test")) for f in splits.folds}
+    assert len(tests) == 5  # five different random draws, not a partition into five folds
+
+
+def test_monte_carlo_keeps_patients_whole_with_multi_slide_patients():
+    slides = cohort(30)  # every third patient has two slides
+    splits = mc_split(slides, repeats=3)
+    case_of = {sid: case for sid, _, case in slides}
+    for fold in splits.folds:
+        where = {}
+        for part in PARTS:
+            for sid in splits.ids(fold, part):
+                assert where.setdefault(case_of[sid], part) == part
+
+
+@pytest.mark.parametrize(
+    ("slides", "fractions", "message"),
+    [
+        (cohort(8), (0.8, 0.05, 0.15), r"cfg.yaml: splits train/val/test \(0.8, 0.05, 0.15\) of 8 patients gives "
+                                       r"7/0/1 patients; every partition needs one"),
+        ([(f"s{i}", "A", f"p{i}") for i in range(12)] + [("b", "B", "q")], PAPER,
+         r"cfg.yaml: Monte-Carlo splits: .*least populated class.*\(adjust splits.train/val/test or add data\)"),
+        (cohort(12), PAPER, r"cfg.yaml: Monte-Carlo splits: The test_size = 1 should be greater or equal to the "
+                            r"number of classes = 2"),
+        ([(f"a{i}", "A", f"a{i}") for i in range(45)] + [(f"b{i}", "B", f"b{i}") for i in range(3)], PAPER,
+         r"cfg.yaml: Monte-Carlo repeat \d: val has no patient of class\(es\) \['B'\] \(5 val patients; "
+         r"raise splits.val or add data\)"),
+    ],
+)  # fmt: skip
+def test_monte_carlo_cohort_too_small_is_a_clear_error(slides, fractions, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        make_monte_carlo_splits(slides, fractions=fractions, repeats=5, seed=42, source="cfg.yaml")
+    assert "\n" not in str(err.value)

@@ -151,6 +151,8 @@ def test_outputs_and_metrics_consistent_with_preds(reference, cohort_dir):
     report = (run / "report.md").read_text()
     assert f"| accuracy | {np.mean(accs):.3f} ± {np.std(accs):.3f} |" in report
     assert "name: run" in report
+    assert "3 folds (patient-level stratified k-fold, 25 % of the rest for val)." in report
+    assert "Positive class: **`pos`** (the second entry of `data.classes`)" in report
 
 
 def test_selection_and_early_stopping_follow_the_protocol(reference):
@@ -239,6 +241,41 @@ def test_changed_config_same_name_is_refused(reference, cohort_dir):
     # device is not part of the experiment: a finished run is simply reported again
     same = train(TrainParams(write_cfg(cohort_dir, out="ref"), device="auto"))
     assert [f.status for f in same.folds] == ["done"] * 3 and same.summary == reference.summary
+
+
+def test_run_started_before_splits_mode_existed_still_resumes(cohort_dir):
+    """A run folder whose config.yaml predates a key with a default (here `splits.mode`) is the same experiment."""
+    cfg = write_cfg(cohort_dir, name="older", out="older", optim={"epochs": 1}, splits={"folds": 2})
+    first = train(TrainParams(cfg))
+    stored = first.run_dir / "config.yaml"
+    old = yaml.safe_load(stored.read_text())
+    del old["splits"]["mode"]
+    stored.write_text(yaml.safe_dump(old))
+    again = train(TrainParams(cfg))
+    assert [f.status for f in again.folds] == ["done", "done"]
+    assert yaml.safe_load(stored.read_text())["splits"]["mode"] == "kfold"
+
+
+def test_monte_carlo_splits_end_to_end(cohort_dir):
+    path = write_cfg(cohort_dir, name="mc", out="mc", optim={"epochs": 2, "select_after": 0})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["splits"] = {"mode": "monte_carlo", "train": 0.5, "val": 0.25, "test": 0.25, "repeats": 2, "seed": 1}
+    path.write_text(yaml.safe_dump(cfg))
+    result = train(TrainParams(path))
+    assert [f.fold for f in result.folds] == [0, 1] and result.classes == CLASSES
+    case_of = {r["slide_id"]: r["case_id"] or r["slide_id"] for r in read_csv(cohort_dir / "labels.csv")}
+    rows = read_csv(result.run_dir / "splits.csv")
+    for fold in ("0", "1"):  # 12 patients -> 6 / 3 / 3, every slide once
+        patients = {p: {case_of[r["slide_id"]] for r in rows if r["fold"] == fold and r["split"] == p}
+                    for p in ("train", "val", "test")}
+        assert [len(patients[p]) for p in ("train", "val", "test")] == [6, 3, 3]
+        assert len({r["slide_id"] for r in rows if r["fold"] == fold}) == 14
+    assert {r["slide_id"] for r in rows if r["split"] == "test" and r["fold"] == "0"} != {
+        r["slide_id"] for r in rows if r["split"] == "test" and r["fold"] == "1"}
+    report = (result.run_dir / "report.md").read_text()
+    assert "2 Monte-Carlo repeats (patient-level, stratified, train/val/test 50/25/25 % of patients)." in report
+    assert "Positive class: **`pos`** (the second entry of `data.classes`)" in report
+    assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["splits"] == cfg["splits"] | {"file": None}
 
 
 def test_force_starts_over(cohort_dir):

@@ -4,6 +4,6 @@ One module per model; `registry.py` maps names to modules and imports a model's 
 created, so importing this package costs nothing (the CLI starts without torch).
 """
 
-from wsi_pipeline.models.mil.registry import create_model, list_models, model_options, register_model
+from wsi_pipeline.models.mil.registry import bag_loss, create_model, list_models, model_options, register_model
 
-__all__ = ["create_model", "list_models", "model_options", "register_model"]
+__all__ = ["bag_loss", "create_model", "list_models", "model_options", "register_model"]

@@ -1,7 +1,8 @@
 """Bag pooling: the attention MLPs shared by the MIL models, and the mean / max pooling baselines.
 
 The 512 -> 128 -> 1 attention MLP appears three times in this package (GMMamba's IMM mask scorer and
-pool, docs/gmmamba.md §4; MambaMIL's pool, §13) and its gated form once (ABMIL, §13); they live here once.
+pool, docs/gmmamba.md §4; MambaMIL's pool, §13) and its gated form three times (ABMIL, §13; ACMIL and
+CLAM-SB, docs/baselines.md); they live here once.
 """
 
 from __future__ import annotations
@@ -27,17 +28,25 @@ class AttentionScorer(nn.Module):
 
 
 class GatedAttentionScorer(nn.Module):
-    """Gated attention logits ``wᵀ [tanh(V h) ⊙ σ(U h)] + b`` (Ilse et al. 2018, ABMIL §13)."""
+    """Gated attention logits ``wᵀ [tanh(V h) ⊙ σ(U h)] + b`` (Ilse et al. 2018, ABMIL §13).
 
-    def __init__(self, dim: int = 512, hidden: int = 128) -> None:
+    `branches` > 1 gives that many attention maps from one shared V, U (w: hidden -> branches), as ACMIL's
+    multi-branch attention does; `dropout` acts on both gate halves, as CLAM's attention net does
+    (docs/baselines.md).
+    """
+
+    def __init__(self, dim: int = 512, hidden: int = 128, *, branches: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
         self.V = nn.Linear(dim, hidden)
         self.U = nn.Linear(dim, hidden)
-        self.w = nn.Linear(hidden, 1)
+        self.w = nn.Linear(hidden, branches)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """(M, dim) -> (M,) unnormalised scores."""
-        return self.w(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h))).squeeze(-1)
+        """(M, dim) -> unnormalised scores, (M,) for one branch, else (M, branches)."""
+        gated = self.dropout(torch.tanh(self.V(h))) * self.dropout(torch.sigmoid(self.U(h)))
+        scores = self.w(gated)
+        return scores.squeeze(-1) if scores.shape[-1] == 1 else scores
 
 
 def attention_pool(h: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,17 @@ The contract every registered model keeps (the trainer and predictor rely on it)
     logits, attn = model(features, coords, groups=None)   # (1, C), (N,) or None
     model.make_groups(features_np, coords_np)              # list[np.ndarray] | None
     model.group_cache_key                                  # str | None, e.g. "kmeans_G10"
+
+Optional: a model whose paper trains it with more than the bag cross-entropy (ACMIL, CLAM, DSMIL) defines ::
+
+    model.training_loss(logits, target) -> Tensor         # scalar; target: (1,) long class index
+
+The trainer calls it (through :func:`bag_loss`) right after the train-mode forward of the same bag, with
+that forward's logits. Anything else the loss needs (branch logits, attention, instance scores) the forward
+stored in `model._forward_state`, only in train mode; :func:`pop_forward_state` reads and clears it. The
+value REPLACES cross-entropy, so it contains the bag term itself (or its substitute, e.g. DSMIL's BCE). A
+model without the method is trained with ``F.cross_entropy(logits, target)``: existing models need no change.
+See docs/baselines.md.
 """
 
 from __future__ import annotations
@@ -27,6 +38,9 @@ _MODEL_MODULES: dict[str, str] = {
     "abmil": "wsi_pipeline.models.mil.abmil",
     "transmil": "wsi_pipeline.models.mil.transmil",
     "mambamil": "wsi_pipeline.models.mil.mambamil",
+    "acmil": "wsi_pipeline.models.mil.acmil",
+    "clam_sb": "wsi_pipeline.models.mil.clam",
+    "dsmil": "wsi_pipeline.models.mil.dsmil",
     "mean": "wsi_pipeline.models.mil.pooling",
     "max": "wsi_pipeline.models.mil.pooling",
 }
@@ -86,6 +100,27 @@ def create_model(name: str, in_dim: int, n_classes: int, **options: Any) -> Any:
         raise UnknownNameError(f"model {name!r} has no option(s) {', '.join(unknown)}; its options: "
                                f"{', '.join(_OPTIONS[name]) or 'none'}")
     return _BUILDERS[name](in_dim=in_dim, n_classes=n_classes, **options)
+
+
+def bag_loss(model: Any, logits: Any, target: Any) -> Any:
+    """The loss the trainer minimises for one bag: `model.training_loss` when defined, else cross-entropy."""
+    custom = getattr(model, "training_loss", None)
+    if custom is not None:
+        return custom(logits, target)
+    import torch.nn.functional as F  # lazy: the CLI imports this module without torch
+
+    return F.cross_entropy(logits, target)
+
+
+def pop_forward_state(model: Any) -> Any:
+    """What the model's last train-mode forward stored in `model._forward_state` for its `training_loss`;
+    cleared on reading, so the autograd graph it holds lives no longer than one step."""
+    state = getattr(model, "_forward_state", None)
+    if state is None:
+        raise RuntimeError(f"{type(model).__name__}.training_loss needs the train-mode forward of the same bag "
+                           "first (eval-mode forwards keep nothing)")
+    model._forward_state = None
+    return state
 
 
 class GrouplessMixin:

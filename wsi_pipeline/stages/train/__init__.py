@@ -1,4 +1,4 @@
-"""`wsip train`: patient-level cross-validation of a MIL model on extracted features.
+"""`wsip train`: patient-level cross-validation (k-fold or Monte-Carlo) of a MIL model on extracted features.
 
 `train(TrainParams(config="esca.yaml"))` does from Python exactly what `wsip train --cfg esca.yaml` does.
 Everything about the config and the data is checked first (one :class:`ConfigError` line naming the file
@@ -31,9 +31,9 @@ from wsi_pipeline.stages.train.folds import FoldData, ModelSpec, run_fold
 from wsi_pipeline.stages.train.labels import LabelledSlides, load_labelled_slides
 from wsi_pipeline.stages.train.metrics import summarize
 from wsi_pipeline.stages.train.progress import FoldProgress, ProgressLike
-from wsi_pipeline.stages.train.report import write_report, write_summary_csv
+from wsi_pipeline.stages.train.report import describe_splits, write_report, write_summary_csv
 from wsi_pipeline.stages.train.rundir import open_run
-from wsi_pipeline.stages.train.splits import Splits, make_splits, read_splits
+from wsi_pipeline.stages.train.splits import Splits, make_monte_carlo_splits, make_splits, read_splits
 from wsi_pipeline.workspace.layout import RunDir
 
 __all__ = ["TrainParams", "TrainResult", "train"]
@@ -93,7 +93,7 @@ def train(params: TrainParams, *, progress: ProgressLike | None = None) -> Train
         summary = summarize([m["test"] for m in fold_metrics])
         write_summary_csv(run.summary, fold_metrics, summary)
         write_report(run.report, name=cfg.name, classes=slides.classes, folds=fold_metrics, summary=summary,
-                     config_yaml=dump_config(cfg))
+                     config_yaml=dump_config(cfg), splits=describe_splits(cfg.splits))
     return TrainResult(run.dir, slides.classes, results, summary)
 
 
@@ -111,17 +111,15 @@ def resolve_config(params: TrainParams) -> TrainConfig:
 
 
 def splits_for(cfg: TrainConfig, slides: LabelledSlides) -> Splits:
-    """The config's splits file, or patient-level splits made from the labelled slides."""
-    if cfg.splits.file is not None:
-        return read_splits(cfg.splits.file, known={s.slide_id: s.case_id for s in slides.slides})
+    """The config's splits file, or patient-level k-fold / Monte-Carlo splits of the labelled slides."""
+    conf = cfg.splits
+    if conf.file is not None:
+        return read_splits(conf.file, known={s.slide_id: s.case_id for s in slides.slides})
     triples = [(s.slide_id, slides.classes[s.label], s.case_id) for s in slides.slides]
-    return make_splits(
-        triples,
-        folds=cfg.splits.folds,
-        val_fraction=cfg.splits.val_fraction,
-        seed=cfg.splits.seed,
-        source=cfg.source,
-    )
+    if conf.mode == "monte_carlo":
+        return make_monte_carlo_splits(triples, fractions=(conf.train, conf.val, conf.test), repeats=conf.repeats,
+                                       seed=conf.seed, source=cfg.source)
+    return make_splits(triples, folds=conf.folds, val_fraction=conf.val_fraction, seed=conf.seed, source=cfg.source)
 
 
 def _load_bags(slides: LabelledSlides, splits: Splits, *, spec: ModelSpec, run: RunDir) -> dict[str, Bag]:

@@ -11,7 +11,8 @@ directory, like every other stage. Every path is absolute after loading.
 
 Defaults follow GMMamba's released code (docs/gmmamba.md §8): AdamW lr 1e-4, weight decay 1e-5, up to 100
 epochs, model selection on val F1+AUC only after epoch 5, early stop when 20 epochs passed without a new
-best *and* the epoch is past 50; patient-level 5-fold splits with a 20% inner val, split seed 42. The
+best *and* the epoch is past 50; patient-level 5-fold splits with a 20% inner val, split seed 42 (or
+`splits.mode: monte_carlo`, default 5 repeats of 65/10/25, the paper's BRCA / lung protocol). The
 original never seeds training (its `seed_torch(2021)` helper is never called); we seed everything with
 `seed`, default 2021, the value that helper would have used.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -32,6 +33,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from wsi_pipeline.errors import ConfigError
@@ -65,11 +67,44 @@ class DataConfig(_Strict):
     )
 
 
+_MODE_DEFAULTS: dict[str, dict[str, float]] = {
+    "kfold": {"folds": 5, "val_fraction": 0.2},
+    "monte_carlo": {"train": 0.65, "val": 0.10, "test": 0.25, "repeats": 5},
+}
+
+
 class SplitsConfig(_Strict):
-    folds: int = Field(default=5, ge=2)
-    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    """Patient-level splits: `kfold` (the default, GMMamba's script) or `monte_carlo` (repeated random
+    train/val/test splits, the paper's BRCA / lung protocol). Each mode's keys are refused in the other
+    mode, so a config never carries a setting that silently does nothing; unset ones take the defaults
+    above (filled in after validation, so the resolved config.yaml shows them)."""
+
+    mode: Literal["kfold", "monte_carlo"] = "kfold"
+    folds: int | None = Field(default=None, ge=2, description="kfold: number of folds (5)")
+    val_fraction: float | None = Field(
+        default=None, gt=0.0, lt=1.0, description="kfold: share of the non-test patients for val (0.2)"
+    )
+    train: float | None = Field(default=None, gt=0.0, lt=1.0, description="monte_carlo: share of patients (0.65)")
+    val: float | None = Field(default=None, gt=0.0, lt=1.0, description="monte_carlo: share of patients (0.10)")
+    test: float | None = Field(default=None, gt=0.0, lt=1.0, description="monte_carlo: share of patients (0.25)")
+    repeats: int | None = Field(default=None, ge=1, description="monte_carlo: number of random splits (5)")
     seed: int = 42
     file: ResolvedPath | None = Field(default=None, description="splits CSV fold,split,slide_id; overrides")
+
+    @model_validator(mode="after")
+    def _fields_of_the_mode(self) -> SplitsConfig:
+        other = next(mode for mode in _MODE_DEFAULTS if mode != self.mode)
+        foreign = [key for key in _MODE_DEFAULTS[other] if getattr(self, key) is not None]
+        if foreign:
+            raise ValueError(f"key(s) {', '.join(foreign)} belong to splits.mode {other}, not {self.mode} "
+                             f"(remove them, or set splits.mode: {other})")
+        for key, default in _MODE_DEFAULTS[self.mode].items():
+            if getattr(self, key) is None:
+                setattr(self, key, default)
+        if self.mode == "monte_carlo" and abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1, got {self.train} + {self.val} + {self.test} = "
+                             f"{self.train + self.val + self.test:g}")
+        return self
 
 
 class ModelConfig(BaseModel):
@@ -175,6 +210,7 @@ def config_from_dict(
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     """The resolved config as plain YAML-able data (absolute paths, defaults filled in)."""
     data = cfg.model_dump(mode="json")
+    data["splits"] = {k: v for k, v in data["splits"].items() if v is not None or k == "file"}  # the mode's keys
     data["model"] = {"name": cfg.model.name, **cfg.model.options}
     return data
 
@@ -193,6 +229,8 @@ def _describe(error: ValidationError) -> str:
             parts.append(f"unknown key '{loc}' (allowed here: {allowed})")
         elif err["type"] == "missing":
             parts.append(f"missing required key '{loc}'")
+        elif isinstance(err.get("input"), dict):  # a check across a section's keys: the message says it all
+            parts.append(f"'{loc}': {err['msg']}")
         else:
             parts.append(f"'{loc}': {err['msg']} (got {err.get('input')!r})")
     return "; ".join(parts)

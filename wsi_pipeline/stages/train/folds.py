@@ -1,7 +1,8 @@
 """One cross-validation fold: GMMamba's training protocol (docs/gmmamba.md §8), resumable.
 
 Protocol, as the released code: one AdamW over all parameters (no groups, scheduler, clipping or AMP),
-one bag per optimiser step, bag-level cross-entropy, training order reshuffled every epoch. After each
+one bag per optimiser step, bag-level cross-entropy (or the model's own `training_loss`, see
+`models.mil.registry`), training order reshuffled every epoch. After each
 epoch (0-based) val is scored with F1 + AUC; for `epoch > select_after` a score strictly above the best
 so far selects the epoch: test is evaluated then, its metrics kept and `best.pt` saved, and the patience
 counter resets; any other epoch (the early ones included) increments the counter. Training stops once
@@ -34,9 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from wsi_pipeline.models.mil import create_model
+from wsi_pipeline.models.mil import bag_loss, create_model
 from wsi_pipeline.stages.train.bags import Bag
 from wsi_pipeline.stages.train.config import OptimConfig
 from wsi_pipeline.stages.train.metrics import SCALARS, classification_metrics, selection_score
@@ -145,14 +145,18 @@ def train_epoch(
     generator: torch.Generator,
     device: torch.device,
 ) -> float:
-    """One pass over the training bags in a freshly shuffled order; returns the mean loss."""
+    """One pass over the training bags in a freshly shuffled order; returns the mean loss.
+
+    The loss is the model's own `training_loss` where it defines one (ACMIL, CLAM, DSMIL: the registry's
+    contract), else bag cross-entropy.
+    """
     model.train()
     total = 0.0
     for i in torch.randperm(len(data.train), generator=generator).tolist():
         slide_id = data.train[i]
         bag = data.bags[slide_id]
         logits, _ = model(bag.features.to(device), bag.coords.to(device), groups=bag.groups)
-        loss = F.cross_entropy(logits, torch.tensor([data.labels[slide_id]], device=device))
+        loss = bag_loss(model, logits, torch.tensor([data.labels[slide_id]], device=device))
         optimizer.zero_grad(set_to_none=True)  # None, not 0: AdamW then skips never-used params (docs/gmmamba.md §4)
         loss.backward()
         optimizer.step()

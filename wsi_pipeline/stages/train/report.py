@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from wsi_pipeline.stages.train.config import SplitsConfig
 from wsi_pipeline.stages.train.metrics import SCALARS
 from wsi_pipeline.workspace.files import atomic_write
 
@@ -38,12 +39,14 @@ def write_report(
     folds: Sequence[Mapping[str, Any]],
     summary: Mapping[str, tuple[float, float]],
     config_yaml: str,
+    splits: str,
 ) -> None:
-    positive = f"; F1/precision/recall are for `{classes[1]}`" if len(classes) == 2 else " (macro averages)"
+    """`splits` says how the folds were made (:func:`describe_splits`)."""
     lines = [
         f"# wsip run `{name}`",
         "",
-        f"{len(folds)} folds; classes {', '.join(f'`{c}`' for c in classes)}{positive}.",
+        f"{len(folds)} {splits}.",
+        _class_order_line(classes),
         "Test metrics at each fold's selected epoch (best val F1 + AUC); mean ± std over folds, "
         "population std (ddof=0).",
         "",
@@ -80,6 +83,26 @@ def write_report(
     ]
     with atomic_write(path) as tmp:
         tmp.write_text("\n".join(lines))
+
+
+def _class_order_line(classes: Sequence[str]) -> str:
+    """Which class the binary metrics call positive: the second of `data.classes` (docs/gmmamba.md §9)."""
+    order = ", ".join(f"`{c}`" for c in classes)
+    if len(classes) != 2:
+        return (f"Classes (model output order): {order}; F1, precision and recall are macro averages, AUC is "
+                "the macro one-vs-rest AUC.")
+    return (f"Classes (model output order): {order}. Positive class: **`{classes[1]}`** (the second entry of "
+            f"`data.classes`): F1, precision and recall are for `{classes[1]}`, AUC ranks slides by p(`{classes[1]}`).")
+
+
+def describe_splits(conf: SplitsConfig) -> str:
+    """How the folds were made, after their count: "folds (...)" or "Monte-Carlo repeats (...)"."""
+    if conf.file is not None:
+        return f"folds from the splits file `{conf.file.name}`"
+    if conf.mode == "monte_carlo":
+        shares = "/".join(f"{100 * f:g}" for f in (conf.train, conf.val, conf.test))
+        return f"Monte-Carlo repeats (patient-level, stratified, train/val/test {shares} % of patients)"
+    return f"folds (patient-level stratified k-fold, {100 * conf.val_fraction:g} % of the rest for val)"
 
 
 def _fallback_mark(metrics: Mapping[str, Any]) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from wsi_pipeline.errors import ConfigError
-from wsi_pipeline.stages.train.config import TrainConfig, config_to_dict, dump_config
+from wsi_pipeline.stages.train.config import TrainConfig, config_from_dict, config_to_dict, dump_config
 from wsi_pipeline.stages.train.splits import Splits, parse_splits_csv, write_splits
 from wsi_pipeline.workspace.files import write_json_if_changed, write_text_if_changed
 from wsi_pipeline.workspace.layout import RunDir, feature_set_at
@@ -48,7 +48,7 @@ def _prepare(cfg: TrainConfig, splits: Splits, run: RunDir, *, force: bool) -> N
         log.warning("removing existing run %s (force)", run.dir)
         shutil.rmtree(run.dir)
     if run.config.is_file():
-        changed = _changed_keys(yaml.safe_load(run.config.read_text()) or {}, config_to_dict(cfg))
+        changed = _changed_keys(_as_resolved_now(yaml.safe_load(run.config.read_text()) or {}), config_to_dict(cfg))
         if changed:
             raise ConfigError(
                 f"{run.config}: run '{cfg.name}' was started with a different config (changed: "
@@ -75,6 +75,15 @@ def features_record(cfg: TrainConfig) -> dict[str, Any]:
     _, feature_set = parsed
     return {"features": str(cfg.data.features), "made_by_wsip": True, "feature_set": feature_set.name,
             **json.loads(feature_set.params.read_text())}
+
+
+def _as_resolved_now(stored: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored config as the current schema resolves it, so a key added since (with its default,
+    e.g. `splits.mode: kfold`) does not read as a changed experiment; as stored if it no longer validates."""
+    try:
+        return config_to_dict(config_from_dict(stored))
+    except ConfigError:
+        return stored
 
 
 def _changed_keys(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

@@ -1,16 +1,20 @@
-"""Patient-level cross-validation splits (docs/gmmamba.md §9), or a user's own splits file.
+"""Patient-level splits (docs/gmmamba.md §9): k-fold or Monte-Carlo, or a user's own splits file.
 
 Splitting is by patient, never by slide, so two slides of one patient can never sit on both sides of a
 test boundary. As in GMMamba's split script: each patient takes the label of its first slide (file
 order); `StratifiedKFold(folds, shuffle=True, random_state=seed)` picks each fold's test patients and
 `StratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)` picks val among the rest;
-patients map back to all their slides. The on-disk format is `fold,split,slide_id` (split: train|val|test).
+patients map back to all their slides. Monte-Carlo splits (the paper's BRCA / lung protocol: five random
+65:10:25 splits) are `repeats` independent stratified train/val/test draws, see
+:func:`make_monte_carlo_splits`. The on-disk format is `fold,split,slide_id` (split: train|val|test); for
+Monte-Carlo splits "fold" is the repeat index.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import math
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -57,13 +61,7 @@ def make_splits(
 
     `source` (the config file) prefixes error messages.
     """
-    slides_of: dict[str, list[str]] = defaultdict(list)
-    label_of: dict[str, str] = {}
-    for slide_id, label, case_id in slides:
-        slides_of[case_id].append(slide_id)
-        label_of.setdefault(case_id, label)  # a patient takes the label of its first slide
-    patients = list(slides_of)  # first-appearance order, as the original script's groupby
-    labels = np.array([label_of[p] for p in patients])
+    slides_of, labels = _patients(slides)
     _check_enough_patients(labels, folds=folds, source=source)
 
     rows: list[SplitRow] = []
@@ -76,10 +74,54 @@ def make_splits(
             raise ConfigError(
                 f"{source}: splits fold {fold}: {e} (adjust splits.val_fraction or splits.folds)"
             ) from None
-        for split, index in (("train", rest[train_pos]), ("val", rest[val_pos]), ("test", test)):
-            for i in sorted(index):
-                rows.extend(SplitRow(fold, split, sid) for sid in slides_of[patients[i]])
+        rows += _rows(fold, {"train": rest[train_pos], "val": rest[val_pos], "test": test}, slides_of)
     return Splits(tuple(rows))
+
+
+def make_monte_carlo_splits(
+    slides: Sequence[tuple[str, str, str]],
+    *,
+    fractions: tuple[float, float, float],
+    repeats: int,
+    seed: int,
+    source: str = "splits",
+) -> Splits:
+    """`repeats` independent patient-level, stratified train/val/test splits; "fold" k is repeat k.
+
+    `fractions` (train, val, test) of the patients become patient counts by largest-remainder rounding, so
+    each partition is within one patient of its request and the three add up to the cohort. Per repeat,
+    `StratifiedShuffleSplit` draws the test patients (one generator, `random_state=seed`, across repeats)
+    and a second one (`random_state=seed`) draws val among the rest, both with those exact counts, so each
+    class keeps its share to within a patient. Every val and test set must hold every class (else AUC is
+    undefined): a cohort too small for that is a ConfigError naming the fix.
+    """
+    slides_of, labels = _patients(slides)
+    n_train, n_val, n_test = counts = patient_counts(len(labels), fractions)
+    if min(counts) == 0:
+        raise ConfigError(f"{source}: splits train/val/test {fractions} of {len(labels)} patients gives "
+                          f"{n_train}/{n_val}/{n_test} patients; every partition needs one (raise the small "
+                          "fraction or add data)")
+    outer = StratifiedShuffleSplit(n_splits=repeats, test_size=n_test, train_size=n_train + n_val, random_state=seed)
+    inner = StratifiedShuffleSplit(n_splits=1, test_size=n_val, train_size=n_train, random_state=seed)
+    rows: list[SplitRow] = []
+    draws = _stratified_draws(outer, labels, source=source)
+    for repeat, (rest, test) in enumerate(draws):
+        ((train_pos, val_pos),) = _stratified_draws(inner, labels[rest], source=source)
+        parts = {"train": rest[train_pos], "val": rest[val_pos], "test": test}
+        _check_every_class(parts, labels, repeat=repeat, source=source)
+        rows += _rows(repeat, parts, slides_of)
+    return Splits(tuple(rows))
+
+
+def patient_counts(n: int, fractions: Sequence[float]) -> list[int]:
+    """`fractions` (summing to 1) of `n` patients as whole counts summing to `n`, each within one of its
+    exact share: floors first, then the leftover patients to the largest remainders."""
+    exact = [f * n for f in fractions]
+    counts = [math.floor(x + 1e-9) for x in exact]  # 1e-9: 0.29 * 100 is 28.999999999999996
+    by_remainder = sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 def read_splits(path: Path, *, known: Mapping[str, str]) -> Splits:
@@ -138,6 +180,48 @@ def write_splits(splits: Splits, path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["fold", "split", "slide_id"])
         writer.writerows((r.fold, r.split, r.slide_id) for r in splits.rows)
+
+
+def _patients(slides: Sequence[tuple[str, str, str]]) -> tuple[dict[str, list[str]], np.ndarray]:
+    """Each patient's slides, in first-appearance order (as the original script's groupby), and each
+    patient's label: that of its first slide."""
+    slides_of: dict[str, list[str]] = defaultdict(list)
+    label_of: dict[str, str] = {}
+    for slide_id, label, case_id in slides:
+        slides_of[case_id].append(slide_id)
+        label_of.setdefault(case_id, label)
+    return dict(slides_of), np.array([label_of[p] for p in slides_of])
+
+
+def _rows(fold: int, parts: Mapping[str, np.ndarray], slides_of: Mapping[str, list[str]]) -> list[SplitRow]:
+    """Patient positions per partition -> rows for all their slides, in patient order."""
+    patients = list(slides_of)
+    return [
+        SplitRow(fold, split, slide_id)
+        for split, index in parts.items()
+        for i in sorted(index)
+        for slide_id in slides_of[patients[i]]
+    ]
+
+
+def _stratified_draws(
+    splitter: StratifiedShuffleSplit, labels: np.ndarray, *, source: str
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    try:
+        return list(splitter.split(np.zeros(len(labels)), labels))
+    except ValueError as e:  # e.g. a class with a single patient, or fewer val patients than classes
+        raise ConfigError(f"{source}: Monte-Carlo splits: {e} (adjust splits.train/val/test or add data)") from None
+
+
+def _check_every_class(parts: Mapping[str, np.ndarray], labels: np.ndarray, *, repeat: int, source: str) -> None:
+    classes = set(labels.tolist())
+    for split in ("val", "test"):
+        missing = sorted(classes - set(labels[parts[split]].tolist()))
+        if missing:
+            raise ConfigError(
+                f"{source}: Monte-Carlo repeat {repeat}: {split} has no patient of class(es) {missing} "
+                f"({len(parts[split])} {split} patients; raise splits.{split} or add data)"
+            )
 
 
 def _check_enough_patients(labels: np.ndarray, *, folds: int, source: str) -> None:

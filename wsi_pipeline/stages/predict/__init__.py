@@ -4,8 +4,9 @@ The run records how its features were made (`runs/<name>/features.json`: the pat
 the weights' sha256). A new slide goes through the same `patch` and `extract` functions with those params,
 in the workspace's own `predictions/_slides/` (so a slide named like a training slide never touches the
 cohort's files), then through every fold's selected model. Fold probabilities are averaged; per-instance
-attention (masked instances: zero) becomes a heatmap. Outputs: `predictions/<run name>/<slide_id>.json`
-and `<slide_id>_heatmap.png`.
+attention (masked instances: zero) becomes a heatmap. Outputs: `predictions/<run name>/<slide_id>.json`,
+`<slide_id>_heatmap.png` and `<slide_id>_attention.h5` (per-patch attention, for `wsip view` and the QuPath
+export).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from wsi_pipeline.slide import Slide
 from wsi_pipeline.stages.extract import extract
 from wsi_pipeline.stages.inputs import SlideSource
 from wsi_pipeline.stages.patch import patch
-from wsi_pipeline.stages.predict.heatmap import render_heatmap
+from wsi_pipeline.stages.predict.heatmap import percentile_scores, render_heatmap
 from wsi_pipeline.stages.predict.models import find_run, load_fold_models, predict_bag, recorded_stage_params
 from wsi_pipeline.stages.runner import FAILED, FAILURES
 from wsi_pipeline.stages.train.splits import parse_splits_csv
+from wsi_pipeline.workspace.attention_store import write_attention
 from wsi_pipeline.workspace.feature_store import feature_attrs, read_bag
 from wsi_pipeline.workspace.files import write_json_atomic
 from wsi_pipeline.workspace.layout import Layout, RunDir
@@ -78,7 +80,7 @@ def predict(slides: Sequence[SlideSource], params: PredictParams = PredictParams
                         slide_ids=[s.slide_id for s in slides])
     _check_same_features(extracted.feature_set.params, record)
     failed = {o.slide_id: o.error for o in extracted.outcomes if o.status == FAILED}
-    out_dir = layout.predictions(run.name)
+    out = layout.predictions(run.name)
     training_ids = _training_ids(run)
     predictions = []
     for source in slides:
@@ -97,17 +99,21 @@ def predict(slides: Sequence[SlideSource], params: PredictParams = PredictParams
                   "predicted": classes[int(np.argmax(mean))], "folds": [m["fold"] for _, m in models],
                   "fold_probabilities": per_fold, "n_patches": len(features),
                   "features": str(extracted.feature_set.dir), **({"note": note} if note else {})}
-        json_path = out_dir / f"{sid}.json"
+        attrs = feature_attrs(h5_path)
+        size0 = int(attrs["patch_size_level0"])
+        write_attention(out.attention(sid), coords, attention, percentile_scores(attention),
+                        {"patch_size_level0": size0, "target_mpp": float(attrs["target_mpp"]),
+                         "slide_mpp": float(attrs["slide_mpp"]), "patch_config": patch_params.config_name()})
+        json_path = out.record(sid)
         write_json_atomic(json_path, result)
         heatmap_path = None
         if params.heatmap:
-            size0 = int(feature_attrs(h5_path)["patch_size_level0"])
             with Slide(source.path, mpp=source.mpp) as slide:
-                heatmap_path = render_heatmap(slide, coords, size0, attention, out_dir / f"{sid}_heatmap.png")
+                heatmap_path = render_heatmap(slide, coords, size0, attention, out.heatmap(sid))
         predictions.append(SlidePrediction(sid, "done", result["probabilities"], result["predicted"], json_path,
                                            heatmap_path, work.patch_set(patch_params.config_name()).qc(sid),
                                            note=note))
-    return PredictResult(run.dir, classes, predictions, out_dir)
+    return PredictResult(run.dir, classes, predictions, out.dir)
 
 
 def _check_same_features(params_json: Path, record: dict) -> None:

@@ -72,6 +72,16 @@ def test_outline_fed_back_through_masks_gives_the_same_tissue_and_patches(tmp_pa
     assert outline_a == outline_b  # the very same polygons, vertex for vertex
 
 
+def test_a_missing_outline_is_made_again_without_force(tmp_path, donut_slide):
+    source = [SlideSource(donut_slide)]
+    first = patch(source, out=tmp_path)
+    outline = first.patch_set.mask("donut")
+    kept = outline.read_text()
+    assert patch(source, out=tmp_path).outcomes[0].status == "cached"
+    outline.unlink()
+    assert patch(source, out=tmp_path).outcomes[0].status == "done" and outline.read_text() == kept
+
+
 def test_rings_are_closed_oriented_and_degenerate_ones_dropped():
     clockwise = np.array([[0, 0], [0, 10], [10, 10], [10, 0]])
     outer = closed_ring(clockwise, outer=True)

@@ -42,10 +42,12 @@ def write_attention(path: Path, coords: np.ndarray, attention: np.ndarray, rank:
 
 def read_attention(path: Path) -> Attention:
     """The stored attention; a missing or unreadable file is a one-line error naming the fix."""
+    fix = "run `wsip predict` for this slide again (it writes this file)"
+    if not path.is_file():
+        raise UserError(f"{path}: missing (predicted by an older wsip?); {fix}")
     try:
         with h5py.File(path, "r") as f:
             return Attention(f["coords"][:].astype(np.int64), f["attention"][:], f["attention_rank"][:],
                              dict(f.attrs))
     except (OSError, KeyError) as exc:
-        raise UserError(f"{path}: missing or unreadable attention ({one_line(exc)}); run `wsip predict` for this "
-                        "slide again (wsip predict writes it)") from None
+        raise UserError(f"{path}: unreadable attention ({one_line(exc)}); {fix}") from None

@@ -84,7 +84,9 @@ def write_geojson(path: Path, features: Sequence[Feature]) -> None:
 
 def read_features(path: Path, *, fix: str) -> list[Feature]:
     """The features of a FeatureCollection we wrote; `fix` says how to make the file again."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing; {fix}")
     try:
         return list(json.loads(path.read_text())["features"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path}: missing or unreadable GeoJSON ({one_line(exc)}); {fix}") from None
+        raise UserError(f"{path}: unreadable GeoJSON ({one_line(exc)}); {fix}") from None

@@ -88,11 +88,12 @@ def patch_slide(source: SlideSource, *, params: PatchParams, patch_set: PatchSet
     """Patch one slide; the unit `run_cohort` parallelises. Raises on unreadable slides (recorded there).
 
     Coords made from an older version of the file (or other settings) are removed before anything is read:
-    if the slide now fails, nothing derived from its previous version stays usable.
+    if the slide now fails, nothing derived from its previous version stays usable. Current coords are reused
+    only while the tissue outline is there too (a workspace patched before outlines were kept gets them).
     """
     coords_path = patch_set.coords(source.slide_id)
     key, fingerprint = slide_key(params, source), file_fingerprint(source.path)
-    if not force and coords_are_current(coords_path, key, fingerprint):
+    if not force and coords_are_current(coords_path, key, fingerprint) and patch_set.mask(source.slide_id).is_file():
         return SlideOutcome(source.slide_id, runner.CACHED)
     coords_path.unlink(missing_ok=True)
     patch_set.mask(source.slide_id).unlink(missing_ok=True)

@@ -23,7 +23,7 @@ from wsi_pipeline.workspace.layout import Layout, PatchSet, PredictionSet
 from wsi_pipeline.workspace.manifest import DONE, read_manifest
 
 __all__ = ["GeoJSONParams", "GeoJSONResult", "export_geojson"]
-_REPATCH = "rerun `wsip patch --force` with the same settings (older versions wrote no outline)"
+_REPATCH = "patched by an older wsip, which kept no outline: run `wsip patch` again with the same settings"
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,6 @@ from wsi_pipeline.workspace.attention_store import read_attention
 from wsi_pipeline.workspace.layout import Layout
 from wsi_pipeline.workspace.manifest import read_manifest
 
-pytest.importorskip("matplotlib", reason="the report's plots need matplotlib (a core dependency)")
 SIZE = (1536, 2048)  # slide h, w (level-0 px)
 
 

@@ -8,7 +8,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from wsi_pipeline.cli import app
+
 README = Path(__file__).resolve().parents[1] / "README.md"
+GROUPS = {group.name for group in app.registered_groups}  # command groups, e.g. `wsip export`
 
 
 def readme_commands() -> dict[str, set[str]]:
@@ -19,6 +22,9 @@ def readme_commands() -> dict[str, set[str]]:
         match = re.match(r"\s*(?:\$ )?wsip (\w+)(.*)", line)
         if match:
             command, rest = match.groups()
+            if command in GROUPS:  # `wsip export geojson --run ...`: the second word names the command
+                sub, _, rest = rest.strip().partition(" ")
+                command = f"{command} {sub}"
             rest = rest.split("#")[0]
             commands[command] |= set(re.findall(r"(--[a-z][a-z-]*)", rest))
     return commands
@@ -28,8 +34,8 @@ def test_readme_commands_and_options_exist():
     commands = readme_commands()
     assert {"patch", "extract", "train", "predict", "info", "status"} <= set(commands)
     for command, options in commands.items():
-        proc = subprocess.run([sys.executable, "-m", "wsi_pipeline.cli", command, "--help"], capture_output=True,
-                              text=True, env={"COLUMNS": "200", "PATH": ""}, timeout=60)
+        proc = subprocess.run([sys.executable, "-m", "wsi_pipeline.cli", *command.split(), "--help"],
+                              capture_output=True, text=True, env={"COLUMNS": "200", "PATH": ""}, timeout=60)
         assert proc.returncode == 0, f"`wsip {command}` in the README does not exist: {proc.stderr}"
         missing = [o for o in options if o not in proc.stdout]
         assert not missing, f"README shows `wsip {command} {' '.join(missing)}`, which the CLI does not accept"

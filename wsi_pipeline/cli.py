@@ -19,6 +19,7 @@ from wsi_pipeline.cli_console import (
     patch_progress,
     report_findings,
     report_outcomes,
+    report_written,
     slide_progress,
     user_errors,
 )
@@ -177,6 +178,68 @@ def predict(
             console.print(f"[yellow]note[/]: {p.note}", highlight=False)
     if any(p.status != DONE for p in result.predictions):
         raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    out: OutOpt = None,
+    run: Annotated[str | None, typer.Option("--run", help="Only this run and its predictions.")] = None,
+    thumbnail_px: Annotated[int, typer.Option("--thumbnail-px", help="Longer side of QC thumbnails.")] = 256,
+) -> None:
+    """One self-contained HTML page (opens offline): cohort per stage, QC gallery, runs, predictions → report.html."""
+    from wsi_pipeline.stages.report import ReportParams
+    from wsi_pipeline.stages.report import report as write_report
+
+    with user_errors(), console.status("writing the report…"):
+        result = write_report(ReportParams(run=run, thumbnail_px=thumbnail_px), out=out)
+    console.print(f"report of {result.slides} slides ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s):",
+                  highlight=False)
+    out_console.print(str(result.path), highlight=False, soft_wrap=True)
+
+
+export_app = typer.Typer(no_args_is_help=True, help="Results for other tools: QuPath GeoJSON.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("geojson")
+def export_geojson(
+    out: OutOpt = None,
+    run: Annotated[str | None, typer.Option("--run", help="A run's predicted slides (tiles with attention).")
+                   ] = None,
+    patches: Annotated[str | None, typer.Option("--patches", help="Else a cohort patch config.")] = None,
+) -> None:
+    """Per slide, tissue outlines (with holes) + one tile per patch, level-0 px, as QuPath imports them.
+
+    With --run, tiles carry the measurements `attention` and `attention_rank` and the predicted class
+    (→ predictions/<run>/<slide_id>.geojson); else → patches/<config>/geojson/<slide_id>.geojson.
+    """
+    from wsi_pipeline.stages.report.geojson import GeoJSONParams
+    from wsi_pipeline.stages.report.geojson import export_geojson as export
+
+    with user_errors():
+        result = export(GeoJSONParams(run=run, patches=patches), out=out)
+    report_written("GeoJSON", result.written, result.failed, result.out_dir)
+
+
+@app.command()
+def view(
+    slide: Annotated[str, typer.Argument(help="A predicted slide: its id (file name without extension) or file.")],
+    run: Annotated[str | None, typer.Option("--run", help="The run that predicted it (default: the only one).")
+                   ] = None,
+    full_resolution: Annotated[bool, typer.Option("--full-resolution", help="Tile down to level 0, not to the "
+                                                  "patches' resolution (more tiles).")] = False,
+    out: OutOpt = None,
+) -> None:
+    """Zoomable page of a predicted slide: Deep Zoom tiles, attention layer, patch boxes; opens from disk."""
+    from wsi_pipeline.slide import is_slide_file
+    from wsi_pipeline.stages.report.viewer import ViewParams
+    from wsi_pipeline.stages.report.viewer import view as write_view
+
+    slide_id = Path(slide).stem if is_slide_file(Path(slide)) else slide
+    with user_errors(), console.status("tiling the slide…"):
+        result = write_view(ViewParams(slide=slide_id, run=run, full_resolution=full_resolution), out=out)
+    console.print(f"{result.tiles} tiles in {result.seconds:.1f} s; open in a browser:", highlight=False)
+    out_console.print(result.index.as_uri(), highlight=False, soft_wrap=True)
 
 
 @app.command()

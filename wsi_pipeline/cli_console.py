@@ -131,3 +131,12 @@ def report_findings(findings: list[Any]) -> None:
     if failed:
         console.print(f"[red]{len(failed)} check(s) failed[/]: " + ", ".join(f.name for f in failed), highlight=False)
         raise typer.Exit(1)
+
+
+def report_written(kind: str, written: list[Path], failed: dict[str, str], out_dir: Path) -> None:
+    """`N <kind> files → folder`, then one line per slide that could not be written (exit 1)."""
+    console.print(f"{len(written)} {kind} file(s) → {out_dir}", highlight=False)
+    for slide_id, reason in failed.items():
+        console.print(f"[red]{slide_id}[/]: {reason}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)

@@ -302,6 +302,16 @@ class Slide:
         """RGB thumbnail whose longer side is at most about `max_size` px."""
         return self.read_downsampled(max(max(self.dimensions) / max_size, 1.0))
 
+    def deep_zoom(self, *, tile_size: int = 254, overlap: int = 1) -> Any:
+        """OpenSlide's `DeepZoomGenerator` over the whole level-0 plane (no bounds cropping, so level-0 patch
+        coordinates place overlays exactly): the tiles of a zoomable viewer. OpenSlide and plain-image slides."""
+        from openslide.deepzoom import DeepZoomGenerator
+
+        if self.backend not in ("openslide", "image"):
+            raise SlideError(f"{self.path}: read through {self.backend}, which has no Deep Zoom tiler; the zoomable "
+                             "viewer needs a slide OpenSlide can open")
+        return DeepZoomGenerator(self._handle, tile_size=tile_size, overlap=overlap, limit_bounds=False)
+
     def close(self) -> None:
         self._handle.close()
 

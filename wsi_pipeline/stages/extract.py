@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wsi_pipeline.device import resolve_device
-from wsi_pipeline.errors import InputError, UserError, name_some
+from wsi_pipeline.errors import InputError, UserError
 from wsi_pipeline.models.encoders import Encoder, create_encoder, get_spec
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.stages import runner
@@ -116,22 +116,6 @@ def precision_name(precision: str, device: torch.device) -> str:
     share their features."""
     dtype = autocast_dtype(precision, device)
     return "fp32" if dtype is None else next(k for k, v in PRECISIONS.items() if v == dtype)
-
-
-def pick_patch_set(layout: Layout, name: str | None) -> PatchSet:
-    """The named patch config, or the only one in the workspace."""
-    patches = layout.root / "patches"
-    if name:
-        chosen = layout.patch_set(name)
-        if not chosen.dir.joinpath("coords").is_dir():
-            raise UserError(f"{chosen.dir}: no such patch config; run `wsip patch` first or fix --patches")
-        return chosen
-    sets = layout.patch_sets()
-    if not sets:
-        raise UserError(f"{patches}: no patches yet; run `wsip patch SLIDES...` first (same --out)")
-    if len(sets) > 1:
-        raise UserError(f"{patches}: several patch configs ({name_some(s.name for s in sets)}); pass --patches NAME")
-    return sets[0]
 
 
 def feature_set_name(encoder: str, weights: str, sha: str) -> str:
@@ -239,7 +223,7 @@ def extract(params: ExtractParams = ExtractParams(), *, out: str | Path | Layout
     params.validate()
     get_spec(params.encoder)  # an unknown encoder name is reported before anything else
     layout = out if isinstance(out, Layout) else Layout.at(out)
-    patch_set = pick_patch_set(layout, params.patches)
+    patch_set = layout.pick_patch_set(params.patches)
     device = resolve_device(params.device)
     encoder = create_encoder(params.encoder, params.weights, device=device)
     encoder.module.to(memory_format=torch.channels_last)  # ~1.4× faster convolutions on CPU and GPU

@@ -2,14 +2,17 @@
 
 ```
 <root>/
-  patches/<patch config>/            coords/<slide_id>.h5, qc/<slide_id>.jpg, manifest.csv, params.json
+  patches/<patch config>/            coords/<slide_id>.h5, qc/<slide_id>.jpg, masks/<slide_id>.geojson (tissue),
+                                     geojson/<slide_id>.geojson (`wsip export geojson`), manifest.csv, params.json
   features/<patch config>/<feature set>/
                                      h5_files/<slide_id>.h5, pt_files/<slide_id>.pt, .partial/<slide_id>.zarr,
                                      manifest.csv, params.json
   runs/<name>/                       config.yaml, features.json, splits.csv, groups/, fold_<k>/, summary.csv,
                                      report.md
-  predictions/<run name>/            <slide_id>.json, <slide_id>_heatmap.png
+  predictions/<run name>/            <slide_id>.json, <slide_id>_heatmap.png, <slide_id>_attention.h5,
+                                     <slide_id>.geojson (`wsip export geojson --run`), viewer/<slide_id>/ (`wsip view`)
   predictions/_slides/               a workspace of its own for the slides being predicted
+  report.html                        `wsip report`
 ```
 Everything inside a workspace is found from its root and names (never from an absolute path recorded in
 another file), so a workspace can be copied or moved as a whole; slide paths, which live outside it, are
@@ -23,9 +26,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from wsi_pipeline.errors import UserError, name_some
 from wsi_pipeline.workspace.files import workspace_root
 
 MANIFEST, PARAMS = "manifest.csv", "params.json"
+SLIDES_FOLDER = "_slides"  # predictions/_slides/: the workspace of slides given to `wsip predict`
 H5_FOLDER, PT_FOLDER = "h5_files", "pt_files"
 
 
@@ -62,8 +67,16 @@ class PatchSet(_StageOutputs):
     def qc(self, slide_id: str) -> Path:
         return self.dir / "qc" / f"{slide_id}.jpg"
 
+    def mask(self, slide_id: str) -> Path:
+        """The tissue outline as QuPath GeoJSON: what `--masks` reads back (docs/report.md)."""
+        return self.dir / "masks" / f"{slide_id}.geojson"
+
+    def geojson(self, slide_id: str) -> Path:
+        """Tissue + patch tiles for QuPath (`wsip export geojson`)."""
+        return self.dir / "geojson" / f"{slide_id}.geojson"
+
     def output_dirs(self) -> tuple[Path, ...]:
-        return self.dir / "coords", self.dir / "qc", self.dir
+        return self.dir / "coords", self.dir / "qc", self.dir / "masks", self.dir
 
 
 @dataclass(frozen=True)
@@ -165,6 +178,39 @@ class RunDir:
 
 
 @dataclass(frozen=True)
+class PredictionSet:
+    """One run's predictions of new slides: `predictions/<run name>/`."""
+
+    dir: Path
+
+    @property
+    def run_name(self) -> str:
+        return self.dir.name
+
+    def record(self, slide_id: str) -> Path:
+        """Probabilities, predicted class, slide path (JSON)."""
+        return self.dir / f"{slide_id}.json"
+
+    def heatmap(self, slide_id: str) -> Path:
+        return self.dir / f"{slide_id}_heatmap.png"
+
+    def attention(self, slide_id: str) -> Path:
+        """Per-patch coords and attention (h5), for the viewer and the GeoJSON export."""
+        return self.dir / f"{slide_id}_attention.h5"
+
+    def geojson(self, slide_id: str) -> Path:
+        return self.dir / f"{slide_id}.geojson"
+
+    def viewer(self, slide_id: str) -> Path:
+        """A self-contained Deep Zoom viewer folder (`index.html` + tiles)."""
+        return self.dir / "viewer" / slide_id
+
+    def slide_ids(self) -> list[str]:
+        """The slides predicted so far, by name."""
+        return sorted(p.stem for p in self.dir.glob("*.json"))
+
+
+@dataclass(frozen=True)
 class Layout:
     """A workspace root and everything below it."""
 
@@ -183,6 +229,22 @@ class Layout:
         """Patch configs that hold a coords folder, by name."""
         return [PatchSet(p.parent) for p in sorted((self.root / "patches").glob("*/coords")) if p.is_dir()]
 
+    def pick_patch_set(self, name: str | None) -> PatchSet:
+        """The named patch config, or the only one in the workspace (`--patches`)."""
+        patches = self.root / "patches"
+        if name:
+            chosen = self.patch_set(name)
+            if not chosen.dir.joinpath("coords").is_dir():
+                raise UserError(f"{chosen.dir}: no such patch config; run `wsip patch` first or fix --patches")
+            return chosen
+        sets = self.patch_sets()
+        if not sets:
+            raise UserError(f"{patches}: no patches yet; run `wsip patch SLIDES...` first (same --out)")
+        if len(sets) > 1:
+            raise UserError(f"{patches}: several patch configs ({name_some(s.name for s in sets)}); "
+                            "pass --patches NAME")
+        return sets[0]
+
     # ---------------------------------------------------------------------------------- features
     def feature_set(self, patch_config: str, name: str) -> FeatureSet:
         return FeatureSet(self.root / "features" / patch_config / name)
@@ -198,12 +260,22 @@ class Layout:
         return [RunDir(p) for p in sorted((self.root / "runs").glob("*")) if p.is_dir()]
 
     # ------------------------------------------------------------------------------- predictions
-    def predictions(self, run_name: str) -> Path:
-        return self.root / "predictions" / run_name
+    def predictions(self, run_name: str) -> PredictionSet:
+        return PredictionSet(self.root / "predictions" / run_name)
+
+    def prediction_sets(self) -> list[PredictionSet]:
+        """Runs' prediction folders (not `_slides`), by run name."""
+        folders = sorted((self.root / "predictions").glob("*"))
+        return [PredictionSet(p) for p in folders if p.is_dir() and p.name != SLIDES_FOLDER]
 
     def prediction_slides(self) -> Layout:
         """The workspace in which slides given to `wsip predict` are patched and encoded."""
-        return Layout(self.root / "predictions" / "_slides")
+        return Layout(self.root / "predictions" / SLIDES_FOLDER)
+
+    @property
+    def report(self) -> Path:
+        """`wsip report`'s one HTML file."""
+        return self.root / "report.html"
 
 
 def feature_set_at(path: Path) -> tuple[Layout, FeatureSet] | None:

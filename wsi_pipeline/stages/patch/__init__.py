@@ -2,7 +2,8 @@
 
 Per slide: plan the read (level, size) from MPP (`grid.plan_read`), segment tissue at ~8 µm/px
 (`segment`), lay the grid in level-0 px and keep patches with enough tissue (`grid.tissue_grid`), then
-write the CLAM+TRIDENT compatible coords h5, a QC jpg (`qc`) and a manifest row. See docs/design.md.
+write the CLAM+TRIDENT compatible coords h5, a QC jpg (`qc`), the tissue outline as QuPath GeoJSON (which
+`--masks` reads back, docs/report.md) and a manifest row. See docs/design.md.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from wsi_pipeline.stages.patch.params import PatchParams
 from wsi_pipeline.stages.patch.segment import SegmentParams, segment_tissue
 from wsi_pipeline.stages.runner import SlideOutcome
 from wsi_pipeline.units import magnification_for_mpp
-from wsi_pipeline.workspace import coords_store
+from wsi_pipeline.workspace import coords_store, geojson
 from wsi_pipeline.workspace.coords_store import coords_are_current, write_coords
 from wsi_pipeline.workspace.files import (
     code_digest,
@@ -42,7 +43,7 @@ MANIFEST_COLUMNS = ("slide_id", "slide_path", "status", "n_patches", "mpp", "mpp
                     "read_size", "tissue", "seconds", "error", "segment_s", "grid_s", "write_s")
 # Every module whose behaviour decides the coords: changing any of them invalidates cached coords.
 _CODE = code_digest(__file__, grid.__file__, segment.__file__, qc.__file__, coords_store.__file__,
-                    slide_module.__file__)
+                    geojson.__file__, slide_module.__file__)
 
 
 @dataclass
@@ -88,13 +89,15 @@ def patch_slide(source: SlideSource, *, params: PatchParams, patch_set: PatchSet
     """Patch one slide; the unit `run_cohort` parallelises. Raises on unreadable slides (recorded there).
 
     Coords made from an older version of the file (or other settings) are removed before anything is read:
-    if the slide now fails, nothing derived from its previous version stays usable.
+    if the slide now fails, nothing derived from its previous version stays usable. Current coords are reused
+    only while the tissue outline is there too (a workspace patched before outlines were kept gets them).
     """
     coords_path = patch_set.coords(source.slide_id)
     key, fingerprint = slide_key(params, source), file_fingerprint(source.path)
-    if not force and coords_are_current(coords_path, key, fingerprint):
+    if not force and coords_are_current(coords_path, key, fingerprint) and patch_set.mask(source.slide_id).is_file():
         return SlideOutcome(source.slide_id, runner.CACHED)
     coords_path.unlink(missing_ok=True)
+    patch_set.mask(source.slide_id).unlink(missing_ok=True)
     timings: dict[str, float] = {}
     with Slide(source.path, mpp=source.mpp) as slide:
         plan = plan_read(slide, params)
@@ -108,6 +111,8 @@ def patch_slide(source: SlideSource, *, params: PatchParams, patch_set: PatchSet
         timings["grid_s"] = time.perf_counter() - t
         t = time.perf_counter()
         qc.write_qc(patch_set.qc(source.slide_id), slide, tissue, coords, plan.patch_size_level0, sharper)
+        geojson.write_geojson(patch_set.mask(source.slide_id),
+                              geojson.tissue_features(tissue.contours, tissue.holes, tissue.hole_parents))
         row = {"n_patches": len(coords), "mpp": f"{plan.slide_mpp:.4f}", "mpp_source": plan.mpp_source,
                "read_level": plan.read_level, "read_size": plan.read_size, "tissue": tissue.mode}
         if len(coords) == 0:

@@ -52,6 +52,7 @@ class TissueMask:
     mode: str = "brightfield"  # the tissue mode used: brightfield or fluorescence (`auto` resolved)
     contours: list[np.ndarray] = field(default_factory=list)  # outer contours, level-0 px, (k, 2)
     holes: list[np.ndarray] = field(default_factory=list)
+    hole_parents: list[int] = field(default_factory=list)  # per hole: the index of its outer contour
     tissue_area_um2: float = 0.0
 
 
@@ -102,14 +103,16 @@ def _close(mask: np.ndarray, params: SegmentParams, px_um: float) -> np.ndarray:
 
 
 def _filter_regions(mask: np.ndarray, params: SegmentParams, px_area_um2: float
-                    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """Keep regions ≥ min_region_um2 with their holes ≥ min_hole_um2; return mask and contours (mask px)."""
+                    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[int]]:
+    """Keep regions ≥ min_region_um2 with their holes ≥ min_hole_um2; return mask, contours (mask px) and
+    each hole's outer contour (a polygon with holes, as GeoJSON writes it)."""
     contours, hierarchy = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     out = np.zeros_like(mask)
     outers: list[np.ndarray] = []
     holes: list[np.ndarray] = []
+    parents: list[int] = []
     if hierarchy is None:
-        return out, outers, holes
+        return out, outers, holes, parents
     hierarchy = hierarchy[0]
     for i, contour in enumerate(contours):
         if hierarchy[i][3] != -1:  # a hole; handled with its parent
@@ -121,10 +124,19 @@ def _filter_regions(mask: np.ndarray, params: SegmentParams, px_area_um2: float
         while child != -1:
             if cv2.contourArea(contours[child]) * px_area_um2 >= params.min_hole_um2:
                 holes.append(contours[child])
+                parents.append(len(outers) - 1)
             child = hierarchy[child][0]
     cv2.drawContours(out, outers, -1, 255, thickness=cv2.FILLED)
-    cv2.drawContours(out, holes, -1, 0, thickness=cv2.FILLED)
-    return out, outers, holes
+    _cut_holes(out, holes)
+    return out, outers, holes, parents
+
+
+def _cut_holes(mask: np.ndarray, holes: list[np.ndarray]) -> None:
+    """Clear the inside of each hole. A hole's contour runs on the tissue pixels around it, so those are drawn
+    back: the mask is then exactly the region, and a hole read back from its contour (GeoJSON, `--masks`)
+    clears the same pixels instead of eating one more ring of tissue each time."""
+    cv2.drawContours(mask, holes, -1, 0, thickness=cv2.FILLED)
+    cv2.drawContours(mask, holes, -1, 255, thickness=1)
 
 
 def load_user_mask(path: Path, shape: tuple[int, int], downsample: float) -> np.ndarray:
@@ -134,7 +146,10 @@ def load_user_mask(path: Path, shape: tuple[int, int], downsample: float) -> np.
         out = np.zeros((h, w), np.uint8)
         for ring, fill in geojson_rings(read_geojson(path)):
             pts = np.round(np.asarray(ring, dtype=np.float64)[:, :2] / downsample).astype(np.int32)
-            cv2.fillPoly(out, [pts], 255 if fill else 0)
+            if fill:
+                cv2.fillPoly(out, [pts], 255)
+            else:
+                _cut_holes(out, [pts[:, None, :]])
         return out
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if image is None:
@@ -190,7 +205,7 @@ def segment_tissue(slide: Slide, params: SegmentParams = SegmentParams(), *, use
     mask = _close(threshold(image, params, px_um), params, px_um)
     if user_mask is not None:
         mask &= load_user_mask(user_mask, mask.shape, downsample)
-    mask, outers, holes = _filter_regions(mask, params, px_um * px_um)
+    mask, outers, holes, hole_parents = _filter_regions(mask, params, px_um * px_um)
     return TissueMask(
         mask=mask,
         downsample=downsample,
@@ -198,5 +213,6 @@ def segment_tissue(slide: Slide, params: SegmentParams = SegmentParams(), *, use
         mode=mode,
         contours=[(c[:, 0, :] * downsample).astype(np.int64) for c in outers],
         holes=[(c[:, 0, :] * downsample).astype(np.int64) for c in holes],
+        hole_parents=hole_parents,
         tissue_area_um2=float(np.count_nonzero(mask)) * px_um * px_um,
     )

@@ -4,8 +4,9 @@ The run records how its features were made (`runs/<name>/features.json`: the pat
 the weights' sha256). A new slide goes through the same `patch` and `extract` functions with those params,
 in the workspace's own `predictions/_slides/` (so a slide named like a training slide never touches the
 cohort's files), then through every fold's selected model. Fold probabilities are averaged; per-instance
-attention (masked instances: zero) becomes a heatmap. Outputs: `predictions/<run name>/<slide_id>.json`
-and `<slide_id>_heatmap.png`.
+attention (masked instances: zero) becomes a heatmap. Outputs: `predictions/<run name>/<slide_id>.json`,
+`<slide_id>_heatmap.png` and `<slide_id>_attention.h5` (per-patch attention, for `wsip view` and the QuPath
+export).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from wsi_pipeline.stages.extract import extract
 from wsi_pipeline.stages.inputs import SlideSource
 from wsi_pipeline.stages.patch import patch
 from wsi_pipeline.stages.predict.annotations import annotation_file, outer_rings, top_k_on_annotation
-from wsi_pipeline.stages.predict.heatmap import render_heatmap
+from wsi_pipeline.stages.predict.heatmap import percentile_scores, render_heatmap
 from wsi_pipeline.stages.predict.models import find_run, load_fold_models, predict_bag, recorded_stage_params
 from wsi_pipeline.stages.runner import DONE, FAILED, FAILURES
 from wsi_pipeline.stages.train.splits import parse_splits_csv
+from wsi_pipeline.workspace.attention_store import write_attention
 from wsi_pipeline.workspace.feature_store import feature_attrs, read_bag
 from wsi_pipeline.workspace.files import write_json_atomic
 from wsi_pipeline.workspace.layout import Layout, RunDir
@@ -83,7 +85,7 @@ def predict(slides: Sequence[SlideSource], params: PredictParams = PredictParams
                         slide_ids=[s.slide_id for s in slides])
     _check_same_features(extracted.feature_set.params, record)
     failed = {o.slide_id: o.error for o in extracted.outcomes if o.status == FAILED}
-    out_dir = layout.predictions(run.name)
+    prediction_set = layout.predictions(run.name)
     training_ids = _training_ids(run)
     predictions = []
     for source in slides:
@@ -102,22 +104,26 @@ def predict(slides: Sequence[SlideSource], params: PredictParams = PredictParams
                   "predicted": classes[int(np.argmax(mean))], "folds": [m["fold"] for _, m in models],
                   "fold_probabilities": per_fold, "n_patches": len(features),
                   "features": str(extracted.feature_set.dir), **({"note": note} if note else {})}
-        size0 = int(feature_attrs(h5_path)["patch_size_level0"])
+        attrs = feature_attrs(h5_path)
+        size0 = int(attrs["patch_size_level0"])
+        write_attention(prediction_set.attention(sid), coords, attention, percentile_scores(attention),
+                        {"patch_size_level0": size0, "target_mpp": float(attrs["target_mpp"]),
+                         "slide_mpp": float(attrs["slide_mpp"]), "patch_config": patch_params.config_name()})
         regions = annotation_file(params.annotations, sid)
         with Slide(source.path, mpp=source.mpp) as slide:
             if regions is not None:
                 result["top10_on_annotation"] = top_k_on_annotation(regions, slide.dimensions, coords, size0,
                                                                     attention)
             heatmap_path = render_heatmap(
-                slide, coords, size0, attention, out_dir / f"{sid}_heatmap.png",
+                slide, coords, size0, attention, prediction_set.heatmap(sid),
                 annotations=outer_rings(regions) if regions else (),
                 title=f"{sid}: {result['predicted']} ({max(mean):.2f}), run {run.name}") if params.heatmap else None
-        json_path = out_dir / f"{sid}.json"
+        json_path = prediction_set.record(sid)
         write_json_atomic(json_path, result)
         predictions.append(SlidePrediction(sid, DONE, result["probabilities"], result["predicted"], json_path,
                                            heatmap_path, work.patch_set(patch_params.config_name()).qc(sid),
                                            note=note))
-    return PredictResult(run.dir, classes, predictions, out_dir)
+    return PredictResult(run.dir, classes, predictions, prediction_set.dir)
 
 
 def _check_same_features(params_json: Path, record: dict) -> None:

@@ -1,0 +1,134 @@
+"""What `wsip report` shows, read from the workspace's own files: manifests, QC images, run folders, predictions.
+
+Nothing is recomputed: fold numbers come from each fold's `metrics.json` (test metrics at the selected epoch,
+confusion matrix included), mean ± std from the run's `summary.csv`, curves from `log.csv` and `preds.csv`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsi_pipeline.workspace.layout import Layout, PatchSet, PredictionSet, RunDir
+from wsi_pipeline.workspace.manifest import FAILED, NO_TISSUE, read_manifest
+
+# Manifest columns a person reads, in this order (the rest are timings and paths).
+SHOWN_COLUMNS = ("slide_id", "status", "n_patches", "mpp", "mpp_source", "dim", "seconds", "patches_per_s", "error")
+_STATUS_ORDER = {FAILED: 0, NO_TISSUE: 1}  # failures first; everything else (done, stale) after
+
+
+@dataclass(frozen=True)
+class StageTable:
+    """One stage output's manifest: `patches/<config>` or `features/<config>/<set>`."""
+
+    name: str
+    columns: tuple[str, ...]
+    rows: list[dict[str, str]]  # failures first
+
+    def count(self, status: str) -> int:
+        return sum(r["status"] == status for r in self.rows)
+
+
+@dataclass(frozen=True)
+class QCItem:
+    slide_id: str
+    status: str
+    n_patches: str
+    error: str
+    image: Path | None  # None: the slide never got a QC image (unreadable)
+
+
+@dataclass(frozen=True)
+class FoldRecord:
+    fold: int
+    metrics: dict[str, Any]  # metrics.json
+    log: list[dict[str, str]]  # log.csv rows
+    preds: list[dict[str, str]]  # preds.csv rows (test slides)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    name: str
+    config_yaml: str
+    classes: tuple[str, ...]
+    split_sizes: list[tuple[str, dict[str, int]]]  # (fold, {split: slides})
+    folds: list[FoldRecord]  # finished folds
+    summary: dict[str, tuple[str, str]]  # metric -> (mean, std) from summary.csv; empty while training
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The scalar test metrics, in the order training wrote them."""
+        test = self.folds[0].metrics["test"] if self.folds else {}
+        return [k for k, v in test.items() if isinstance(v, float | int) and k != "n"]
+
+
+@dataclass(frozen=True)
+class PredictionItem:
+    slide_id: str
+    record: dict[str, Any]  # <slide_id>.json
+    heatmap: Path | None
+    viewer: Path | None  # viewer/<slide_id>/index.html when `wsip view` made one
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def failures_first(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return sorted(rows, key=lambda r: (_STATUS_ORDER.get(r.get("status", ""), 2), r.get("slide_id", "")))
+
+
+def stage_tables(layout: Layout) -> list[StageTable]:
+    """Every patch set, then every feature set, with the manifest columns a person reads."""
+    tables = []
+    for output in (*layout.patch_sets(), *layout.feature_sets()):
+        rows = read_manifest(output.manifest)
+        columns = tuple(c for c in SHOWN_COLUMNS if rows and c in rows[0])
+        tables.append(StageTable(str(output.dir.relative_to(layout.root)), columns, failures_first(rows)))
+    return tables
+
+
+def qc_items(patch_set: PatchSet) -> list[QCItem]:
+    """The patch set's slides, failures first, with their QC image when there is one."""
+    items = []
+    for row in failures_first(read_manifest(patch_set.manifest)):
+        qc = patch_set.qc(row["slide_id"])
+        items.append(QCItem(row["slide_id"], row["status"], row.get("n_patches", ""), row.get("error", ""),
+                            qc if qc.is_file() else None))
+    return items
+
+
+def run_record(run: RunDir) -> RunRecord:
+    folds = []
+    for fold in run.trained_folds():
+        if fold.metrics.is_file():
+            folds.append(FoldRecord(int(fold.dir.name[5:]), json.loads(fold.metrics.read_text()),
+                                    read_csv(fold.log), read_csv(fold.preds)))
+    summary_rows = {r["fold"]: r for r in read_csv(run.summary)}
+    summary = {}
+    if "mean" in summary_rows and "std" in summary_rows:
+        summary = {k: (summary_rows["mean"][k], summary_rows["std"][k]) for k in summary_rows["mean"]
+                   if k not in ("fold", "selection", "selected_epoch")}
+    sizes: dict[str, dict[str, int]] = {}
+    for row in read_csv(run.splits):
+        split = sizes.setdefault(row["fold"], {"train": 0, "val": 0, "test": 0})
+        split[row["split"]] = split.get(row["split"], 0) + 1
+    preds = folds[0].preds if folds else []
+    classes = tuple(k[5:] for k in (preds[0] if preds else {}) if k.startswith("prob_"))
+    config = run.config.read_text() if run.config.is_file() else ""
+    return RunRecord(run.name, config, classes, sorted(sizes.items(), key=lambda kv: int(kv[0])), folds, summary)
+
+
+def prediction_items(predictions: PredictionSet) -> list[PredictionItem]:
+    items = []
+    for slide_id in predictions.slide_ids():
+        heatmap, viewer = predictions.heatmap(slide_id), predictions.viewer(slide_id) / "index.html"
+        items.append(PredictionItem(slide_id, json.loads(predictions.record(slide_id).read_text()),
+                                    heatmap if heatmap.is_file() else None, viewer if viewer.is_file() else None))
+    return items

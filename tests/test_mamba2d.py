@@ -191,7 +191,8 @@ def test_every_parameter_learns_and_the_zero_pad_stays_zero():
 
 def test_bad_options_are_refused():
     for options, message in (({"grid": "bbox"}, "grid must be"), ({"pad_token": "rand"}, "pad_token must be"),
-                             ({"grid_size": [3]}, "grid_size must be"), ({"cell_size": 0}, "cell_size must be")):
+                             ({"grid_size": [3]}, "grid_size must be"), ({"cell_size": 0}, "cell_size must be"),
+                             ({"grid": "crop", "grid_size": [4, 4]}, "grid='crop' sizes each slide")):
         with pytest.raises(ValueError, match=message):
             create_model("2dmamba", in_dim=6, n_classes=2, **options)
 

@@ -96,5 +96,7 @@ def _check_options(pad_token: str, grid: str, grid_size: Sequence[int] | None, c
         raise ValueError(f"grid must be 'released' or 'crop', got {grid!r}")
     if grid_size is not None and (len(grid_size) != 2 or min(int(v) for v in grid_size) < 1):
         raise ValueError(f"grid_size must be [rows, cols] of positive cell counts, got {grid_size!r}")
+    if grid_size is not None and grid == "crop":
+        raise ValueError("grid_size is the released grid's extent; grid='crop' sizes each slide to its patches")
     if cell_size is not None and int(cell_size) < 1:
         raise ValueError(f"cell_size must be a positive number of level-0 px, got {cell_size!r}")

@@ -108,7 +108,8 @@ def test_classes_order_is_kept(project):
         ({"splits.val_fraction": 1.5}, r"'splits.val_fraction': Input should be less than 1"),
         ({"device": "gpu"}, r"'device': Value error, must be auto, cpu, cuda or cuda:<index>"),
         ({"name": "a/b"}, r"'name': Value error, must be a plain folder name"),
-        ({"model": {"name": "gmamba"}}, r"'model.name': Value error, unknown model; available: abmil, acmil, clam_sb"),
+        ({"model": {"name": "gmamba"}},
+         r"'model.name': Value error, unknown model; available: 2dmamba, abmil, acmil, clam_sb"),
     ],
 )  # fmt: skip
 def test_schema_errors(project, changes, message):

@@ -109,7 +109,8 @@ def test_cache_key_and_bad_arguments() -> None:
 
 
 def test_registry_lists_models_and_does_not_import_torch() -> None:
-    assert list_models() == ["abmil", "acmil", "clam_sb", "dsmil", "gmmamba", "mambamil", "max", "mean", "transmil"]
+    assert list_models() == ["2dmamba", "abmil", "acmil", "clam_sb", "dsmil", "gmmamba", "mambamil", "max", "mean",
+                             "transmil"]
     code = "import sys, wsi_pipeline.models.mil as m; m.list_models(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -118,5 +119,5 @@ def test_registry_lists_models_and_does_not_import_torch() -> None:
 def test_unknown_model_name_is_a_clear_error() -> None:
     from wsi_pipeline.models.mil import create_model
 
-    with pytest.raises(UserError, match="unknown model 'gmmambo'; available: abmil"):
+    with pytest.raises(UserError, match="unknown model 'gmmambo'; available: 2dmamba, abmil"):
         create_model("gmmambo", in_dim=512, n_classes=2)

@@ -92,3 +92,17 @@ def test_predict_errors_are_one_clear_line(trained, tmp_path):
     (empty_run / "fold_0").mkdir(parents=True)
     with pytest.raises(UserError, match="incomplete run"):
         predict([SlideSource(root / "holdout.svs")], PredictParams(run=empty_run), out=root / "ws")
+
+
+def test_2dmamba_trains_and_predicts_a_heatmap_on_the_same_features(trained):
+    """`model: {name: 2dmamba}` on the cohort above; its heatmap shows real patches only (docs/mamba2d.md §3)."""
+    root, result, _ = trained
+    config = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    config.update(name="e2e_2dmamba", model={"name": "2dmamba", "d_model": 16}, optim={**config["optim"], "epochs": 1})
+    (root / "e2e_2dmamba.yaml").write_text(yaml.safe_dump(config))
+    run = train(TrainParams(config=root / "e2e_2dmamba.yaml")).run_dir
+    done = predict([SlideSource(root / "holdout.svs")], PredictParams(run=run), out=root / "ws").predictions[0]
+    assert done.status == "done", done.error
+    assert sum(done.probabilities.values()) == pytest.approx(1.0, abs=1e-6) and len(json.loads(
+        done.json_path.read_text())["folds"]) == 3
+    assert done.heatmap_path.stat().st_size > 1000 and done.heatmap_path.name == "holdout_heatmap.png"

@@ -11,6 +11,10 @@ The contract every registered model keeps (the trainer and predictor rely on it)
     model.make_groups(features_np, coords_np)              # list[np.ndarray] | None
     model.group_cache_key                                  # str | None, e.g. "kmeans_G10"
 
+and optionally ``model.cohort_options(coords_per_slide) -> dict``: options the model fixes from the training
+cohort's coords (2dmamba's grid extent); the trainer adds them to the model's options before any fold, so the
+checkpoints record them and `wsip predict` rebuilds the same model.
+
 Optional: a model whose paper trains it with more than the bag cross-entropy (ACMIL, CLAM, DSMIL) defines ::
 
     model.training_loss(logits, target) -> Tensor         # scalar; target: (1,) long class index
@@ -35,6 +39,7 @@ from wsi_pipeline.errors import UnknownNameError
 # name -> module that defines (and registers) it. Lazy: nothing here is imported until create_model.
 _MODEL_MODULES: dict[str, str] = {
     "gmmamba": "wsi_pipeline.models.mil.gmmamba",
+    "2dmamba": "wsi_pipeline.models.mil.mamba2d",
     "abmil": "wsi_pipeline.models.mil.abmil",
     "transmil": "wsi_pipeline.models.mil.transmil",
     "mambamil": "wsi_pipeline.models.mil.mambamil",

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsi_pipeline.models.ssm.scan import causal_conv1d, selective_scan
+from wsi_pipeline.models.ssm.scan2d import selective_scan_2d
 
 Reverse = Literal["flip", "stride"]
 
@@ -40,7 +41,12 @@ def _mamba_dt_init_(
 
 
 class SSMDirection(nn.Module):
-    """One scan direction's own parameters and computation: causal conv, x_proj, dt_proj, A, D."""
+    """One scan direction's own parameters and computation: causal conv, x_proj, dt_proj, A, D.
+
+    The scan runs along the sequence, or, given `grid=(H, W)`, over the cells of a raster-flattened H x W grid
+    (2DMamba, docs/mamba2d.md): the causal conv still reads the flattened sequence, as 2DMamba's does.
+    The dt defaults are mamba-ssm's.
+    """
 
     def __init__(
         self,
@@ -49,10 +55,10 @@ class SSMDirection(nn.Module):
         d_state: int,
         d_conv: int,
         dt_rank: int,
-        dt_scale: float,
-        dt_min: float,
-        dt_max: float,
-        dt_init_floor: float,
+        dt_scale: float = 1.0,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
     ) -> None:
         super().__init__()
         self.d_state, self.dt_rank = d_state, dt_rank
@@ -65,14 +71,18 @@ class SSMDirection(nn.Module):
         self.A_log = nn.Parameter(torch.log(a_init))
         self.D = nn.Parameter(torch.ones(d_inner))
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """x, z (b, d_inner, L) -> gated scan output (b, d_inner, L); dt's bias is applied inside the scan."""
+    def forward(self, x: torch.Tensor, z: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """x, z (b, d_inner, L) -> gated scan output (b, d_inner, L); dt's bias is applied inside the scan.
+        With `grid=(H, W)`, L = H * W cells in row-major order and the scan is `selective_scan_2d`."""
         u = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         x_dbl = _channels_first_linear(self.x_proj.weight, u)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = _channels_first_linear(self.dt_proj.weight, dt)
-        return selective_scan(u, delta, -torch.exp(self.A_log), B, C, self.D, z, delta_bias=self.dt_proj.bias,
-                              delta_softplus=True)
+        A, bias = -torch.exp(self.A_log), self.dt_proj.bias
+        if grid is None:
+            return selective_scan(u, delta, A, B, C, self.D, z, delta_bias=bias, delta_softplus=True)
+        u, delta, B, C, z = (t.unflatten(-1, grid) for t in (u, delta, B, C, z))
+        return selective_scan_2d(u, delta, A, B, C, self.D, z, delta_bias=bias, delta_softplus=True).flatten(-2)
 
 
 def stride_order(x: torch.Tensor, rate: int) -> torch.Tensor:

@@ -9,6 +9,9 @@ the features were made with, for `wsip predict`), `splits.csv`, `groups/` (cache
 `fold_<k>/{log.csv,preds.csv,best.pt,last.pt,metrics.json}`, `summary.csv`, `report.md`. One `wsip train`
 writes a run at a time (a lock beside the run folder).
 
+A model may fix options from the cohort before any fold (2dmamba's grid extent, `cohort_options`); they are
+recorded with the model in the checkpoints, not in `config.yaml`.
+
 Resume: running the same config again skips folds that have `metrics.json` and continues an interrupted
 fold from its `last.pt`; the result equals an uninterrupted run. A run folder whose `config.yaml` or
 `splits.csv` differs from the current config (other than `device` and `out`, which do not define the
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +76,7 @@ def train(params: TrainParams, *, progress: ProgressLike | None = None) -> Train
         spec = ModelSpec(cfg.model.name, cfg.model.options, slides.in_dim, slides.classes)
         meta = {"run": cfg.name, "features": str(cfg.data.features), "seed": cfg.seed}
         todo = [k for k in splits.folds if not run.fold(k).metrics.is_file()]
-        bags = _load_bags(slides, splits, spec=spec, run=run) if todo else {}
+        bags, spec = _load_bags(slides, splits, spec=spec, run=run) if todo else ({}, spec)
         labels = {s.slide_id: s.label for s in slides.slides}
         results, bar = [], FoldProgress(progress)
         for fold in splits.folds:
@@ -122,11 +125,21 @@ def splits_for(cfg: TrainConfig, slides: LabelledSlides) -> Splits:
     return make_splits(triples, folds=conf.folds, val_fraction=conf.val_fraction, seed=conf.seed, source=cfg.source)
 
 
-def _load_bags(slides: LabelledSlides, splits: Splits, *, spec: ModelSpec, run: RunDir) -> dict[str, Bag]:
-    """Bags of every slide in the splits, with groups cached under the model's group key."""
+def _load_bags(
+    slides: LabelledSlides, splits: Splits, *, spec: ModelSpec, run: RunDir
+) -> tuple[dict[str, Bag], ModelSpec]:
+    """Bags of every slide in the splits, with groups cached under the model's group key, and the spec with
+    the options the model fixes from this cohort (`cohort_options`, models/mil/registry.py) added."""
     used = {r.slide_id for r in splits.rows}
     h5_paths = {s.slide_id: s.h5_path for s in slides.slides if s.slide_id in used}
     probe = spec.build()
     key = probe.group_cache_key
     log.info("loading %d bags%s", len(h5_paths), f" (groups: {key})" if key else "")
-    return load_bags(h5_paths, make_groups=probe.make_groups, cache_dir=run.groups(key) if key else None)
+    bags = load_bags(h5_paths, make_groups=probe.make_groups, cache_dir=run.groups(key) if key else None)
+    fit = getattr(probe, "cohort_options", None)
+    if fit is None:
+        return bags, spec
+    fixed = fit([b.coords.numpy() for b in bags.values()])
+    if fixed:
+        log.info("model options fixed from the cohort: %s", fixed)
+    return bags, replace(spec, options={**spec.options, **fixed})

@@ -3,8 +3,9 @@
 A cohort's features fit in memory (156 ESCA slides × ~10k patches × 512 floats ≈ 3 GB at most, usually
 far less), so every bag is read once per run and kept; epochs then cost no I/O.
 
-Groups (GMMamba's location-based sub-bags, docs/gmmamba.md §2) depend only on a slide's h5 and the grouping
-method, and K-Means per slide is the slow part of loading, so they are cached on disk in the run folder:
+Groups (GMMamba's location-based sub-bags, docs/gmmamba.md §2; 2dmamba's cell per patch, docs/mamba2d.md §2)
+depend only on a slide's h5 and the model's grouping options, and K-Means per slide is the slow part of
+loading, so they are cached on disk in the run folder:
 `runs/<name>/groups/<group_cache_key>/<slide_id>.npz`. The run folder rather than the shared feature
 set keeps `wsip train` from writing into another stage's outputs. Each file records the h5's size and
 mtime; a rewritten h5 (re-extraction) no longer matches and its groups are recomputed.
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.errors import ConfigError, UserError
 from wsi_pipeline.workspace.feature_store import read_bag
 from wsi_pipeline.workspace.files import atomic_write, file_fingerprint
 
@@ -44,7 +45,10 @@ def load_bags(h5_paths: dict[str, Path], *, make_groups: GroupFn, cache_dir: Pat
             raise ConfigError(f"{path}: {bad} patch(es) have NaN/inf features; re-extract this slide "
                               "(`wsip extract --force`) or drop it from the labels CSV")
         cache_path = None if cache_dir is None else cache_dir / f"{slide_id}.npz"
-        groups = slide_groups(path, features, coords, make_groups=make_groups, cache_path=cache_path)
+        try:
+            groups = slide_groups(path, features, coords, make_groups=make_groups, cache_path=cache_path)
+        except UserError as exc:  # e.g. coords that do not fit the model's grid: name the slide
+            raise type(exc)(f"{path}: {exc}") from None
         bags[slide_id] = Bag(slide_id, torch.from_numpy(features), torch.from_numpy(coords), groups)
     return bags
 

@@ -103,7 +103,7 @@ def test_classes_order_is_kept(project):
         ({"optim.lrr": 0.1}, r"cfg.yaml: unknown key 'optim.lrr' \(allowed here: lr, weight_decay, epochs, "
                              r"select_after, patience, min_epochs\)"),
         ({"epochs": 3}, r"unknown key 'epochs' \(allowed here: name, data, splits, model, optim, seed, device, out\)"),
-        ({"data.feature": "x"}, r"unknown key 'data.feature' \(allowed here: features, labels, classes\)"),
+        ({"data.feature": "x"}, r"unknown key 'data.feature' \(allowed here: features, labels, classes, standardize\)"),
         ({"optim.lr": "fast"}, r"cfg.yaml: 'optim.lr': Input should be a valid number"),
         ({"splits.val_fraction": 1.5}, r"'splits.val_fraction': Input should be less than 1"),
         ({"device": "gpu"}, r"'device': Value error, must be auto, cpu, cuda or cuda:<index>"),

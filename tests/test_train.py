@@ -139,7 +139,8 @@ def test_outputs_and_metrics_consistent_with_preds(reference, cohort_dir):
         assert [int(r["epoch"]) for r in log if r["selected"] == "1"][-1] == metrics["selected_epoch"]
         best = torch.load(fold_dir / "best.pt", weights_only=True)
         assert best["meta"]["epoch"] == metrics["selected_epoch"]
-        assert best["meta"]["model"] == {"name": "mean", "options": {"hidden_dim": 16}, "in_dim": 8, "classes": CLASSES}
+        assert best["meta"]["model"] == {"name": "mean", "options": {"hidden_dim": 16}, "in_dim": 8, "classes": CLASSES,
+                                         "standardize": True}
         assert (fold_dir / "last.pt").is_file()
 
     summary = read_csv(run / "summary.csv")

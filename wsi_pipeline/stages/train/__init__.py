@@ -73,7 +73,7 @@ def train(params: TrainParams, *, progress: ProgressLike | None = None) -> Train
     slides = load_labelled_slides(cfg)
     splits = splits_for(cfg, slides)
     with open_run(cfg, splits, force=params.force) as run:
-        spec = ModelSpec(cfg.model.name, cfg.model.options, slides.in_dim, slides.classes)
+        spec = ModelSpec(cfg.model.name, cfg.model.options, slides.in_dim, slides.classes, cfg.data.standardize)
         meta = {"run": cfg.name, "features": str(cfg.data.features), "seed": cfg.seed}
         todo = [k for k in splits.folds if not run.fold(k).metrics.is_file()]
         bags, spec = _load_bags(slides, splits, spec=spec, run=run) if todo else ({}, spec)

@@ -65,6 +65,9 @@ class DataConfig(_Strict):
     classes: list[str] | None = Field(
         default=None, description="class order (index = model output); default: sorted unique labels"
     )
+    standardize: bool = Field(
+        default=True, description="z-score each feature dimension with the fold's training instances"
+    )
 
 
 _MODE_DEFAULTS: dict[str, dict[str, float]] = {

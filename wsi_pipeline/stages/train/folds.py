@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from wsi_pipeline.models.mil import bag_loss, create_model
+from wsi_pipeline.models.mil.standardize import StandardizedInput
 from wsi_pipeline.stages.train.bags import Bag
 from wsi_pipeline.stages.train.config import OptimConfig
 from wsi_pipeline.stages.train.metrics import SCALARS, classification_metrics, selection_score
@@ -66,9 +67,11 @@ class ModelSpec:
     options: dict[str, Any]
     in_dim: int
     classes: tuple[str, ...]
+    standardize: bool = False  # z-score features with the fold's training statistics (data.standardize)
 
     def build(self) -> torch.nn.Module:
-        return create_model(self.name, in_dim=self.in_dim, n_classes=len(self.classes), **self.options)
+        model = create_model(self.name, in_dim=self.in_dim, n_classes=len(self.classes), **self.options)
+        return StandardizedInput(model, self.in_dim) if self.standardize else model
 
 
 @dataclass
@@ -113,6 +116,8 @@ def run_fold(
     last_path = out.last
     if last_path.is_file():
         state = _restore(last_path, model, optimizer, shuffle)
+    elif isinstance(model, StandardizedInput):
+        model.fit(data.bags[s].features for s in data.train)
     meta = {**meta, "fold": fold, "model": asdict(spec)}
 
     while not state.finished(optim):

@@ -1,8 +1,13 @@
 """`make demo`: the whole pipeline on a generated cohort, as a user would run it, timed.
 
-1. generate ~16 procedural H&E slides in two classes (+ labels.csv, + a held-out slide);
+1. generate 40 procedural H&E slides in two classes (tumour slides carry three small lesions of dense,
+   enlarged nuclei, written as GeoJSON ground truth) + labels.csv + a held-out tumour slide;
 2. `wsip patch` → `wsip extract --encoder resnet18` (pretrained weights when they can be had, else
-   `--weights random`, said plainly) → `wsip train --cfg` (GMMamba, small budget) → `wsip predict`.
+   `--weights random`, said plainly) → `wsip train` twice on the same splits: GMMamba (examples/demo.yaml) and
+   ABMIL → `wsip predict` of the held-out slide with both runs, scoring attention on its lesions →
+   `wsip report`;
+3. a final table: held-out folds' balanced accuracy and AUC, the held-out slide's prediction, and the share
+   of its 10 most-attended patches that lie on a lesion, GMMamba next to ABMIL.
 
 `--small` runs a 10-slide, 2-fold, 3-epoch version (the test suite runs it so the demo cannot rot).
 """
@@ -10,6 +15,8 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +28,8 @@ import yaml
 from wsi_pipeline.testing.synthetic import make_demo_cohort
 
 HERE = Path(__file__).resolve().parent
+FULL = {"n_slides": 40, "size": (2560, 3584), "hotspots": 3, "hotspot_radius": 220}
+SMALL = {"n_slides": 10, "size": (1536, 2048), "hotspots": 3, "hotspot_radius": 200}
 
 
 def wsip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -33,6 +42,56 @@ def wsip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def extract_features(out: Path, quiet: list[str]) -> str:
+    """The feature set's name: pretrained ResNet18 when its weights can be had, else random weights."""
+    extract = wsip("extract", "--encoder", "resnet18", "--out", str(out), *quiet, check=False)
+    if extract.returncode == 2 and "--weights" in extract.stderr:
+        print("\n>>> ImageNet ResNet18 weights cannot be downloaded here (no internet): the demo continues with\n"
+              ">>> RANDOM encoder weights (`--weights random`). Features are then random projections of the\n"
+              ">>> pixels; with real weights (pass --weights PATH or run online) they are the paper's.", flush=True)
+        wsip("extract", "--encoder", "resnet18", "--weights", "random", "--out", str(out), *quiet)
+        return "resnet18_random"
+    if extract.returncode != 0:
+        sys.exit(f"demo failed at `wsip extract` (exit {extract.returncode})")
+    return "resnet18"
+
+
+def write_configs(out: Path, feature_set: str, small: bool) -> dict[str, Path]:
+    """examples/demo.yaml for GMMamba, and the same experiment with ABMIL (same splits, budget and seed)."""
+    config = yaml.safe_load((HERE / "demo.yaml").read_text())
+    config["data"]["features"] = str(out / "features" / "20x_256px_0px" / feature_set)
+    config["data"]["labels"] = str(out / "labels.csv")
+    config["out"] = str(out)
+    if small:
+        config["splits"].update(folds=2, val_fraction=0.5)  # 8 patients: 2 test, 1 val, 1 train per class
+        config["optim"].update(epochs=3, select_after=0, min_epochs=1)
+    paths = {}
+    for name, model in (("demo_gmmamba", config["model"]), ("demo_abmil", {"name": "abmil"})):
+        paths[name] = out / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump({**config, "name": name, "model": model}, sort_keys=False))
+    return paths
+
+
+def summary_row(out: Path, run: str) -> list[str]:
+    """The run's held-out folds (mean ± std) and its prediction of the held-out slide."""
+    lines = (out / "runs" / run / "summary.csv").read_text().splitlines()
+    summary = {r["fold"]: r for r in csv.DictReader(lines)}
+    record = json.loads((out / "predictions" / run / "holdout.json").read_text())
+    cell = "{:.2f} ± {:.2f}".format
+    metric = {k: cell(float(summary["mean"][k]), float(summary["std"][k])) for k in ("balanced_accuracy", "auc")}
+    p = record["probabilities"]["tumour"]
+    on_lesion = record.get("top10_on_annotation")
+    return [run.removeprefix("demo_"), metric["balanced_accuracy"], metric["auc"],
+            f"{record['predicted']} (p={p:.2f})", "–" if on_lesion is None else f"{on_lesion:.0%}"]
+
+
+def print_table(rows: list[list[str]]) -> None:
+    header = ["model", "held-out folds: bal. acc.", "AUC", "held-out slide (a tumour)", "top-10 attention on lesions"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="demo workspace (default ./demo_out)")
@@ -40,34 +99,22 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     out = Path(args.out).resolve()
-    n, size = (10, (2048, 3072)) if args.small else (16, (4096, 6144))
-    print(f"generating {n} demo slides + 1 held-out slide in {out / 'slides'} …", flush=True)
-    make_demo_cohort(out / "slides", n_slides=n, size=size, hotspots=3 if args.small else 5,
-                     workers=os.cpu_count() or 1)
+    cohort = SMALL if args.small else FULL
+    print(f"generating {cohort['n_slides']} demo slides + 1 held-out slide in {out / 'slides'} …", flush=True)
+    make_demo_cohort(out / "slides", **cohort, workers=os.cpu_count() or 1)
     quiet = ["--quiet"] if args.small else []
-    wsip("patch", str(out / "slides"), "--out", str(out), *quiet)
-    extract = wsip("extract", "--encoder", "resnet18", "--out", str(out), *quiet, check=False)
-    feature_set = "resnet18"
-    if extract.returncode == 2 and "--weights" in extract.stderr:
-        print("\n>>> ImageNet ResNet18 weights cannot be downloaded here (no internet): the demo continues with\n"
-              ">>> RANDOM encoder weights (`--weights random`). Features are then random projections of the\n"
-              ">>> pixels; with real weights (pass --weights PATH or run online) they are the paper's.", flush=True)
-        wsip("extract", "--encoder", "resnet18", "--weights", "random", "--out", str(out), *quiet)
-        feature_set = "resnet18_random"
-    elif extract.returncode != 0:
-        sys.exit(f"demo failed at `wsip extract` (exit {extract.returncode})")
-    config = yaml.safe_load((HERE / "demo.yaml").read_text())
-    config["data"]["features"] = str(out / "features" / "20x_256px_0px" / feature_set)
-    config["data"]["labels"] = str(out / "labels.csv")
-    if args.small:
-        config["splits"].update(folds=2, val_fraction=0.5)  # 8 patients: 2 test, 1 val, 1 train per class
-        config["optim"].update(epochs=3, select_after=0, min_epochs=1)
-    config["out"] = str(out)
-    cfg_path = out / "demo.yaml"
-    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    wsip("train", "--cfg", str(cfg_path), *quiet)
-    wsip("predict", str(out / "holdout.svs"), "--out", str(out))
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s (workspace: {out})")
+    wsip("patch", str(out / "slides"), "--out", str(out), "--workers", "2", *quiet)
+    configs = write_configs(out, extract_features(out, quiet), args.small)
+    rows = []
+    for name, cfg in configs.items():
+        wsip("train", "--cfg", str(cfg), *quiet)
+        wsip("predict", str(out / "holdout.svs"), "--run", name, "--annotations", str(out / "annotations"),
+             "--out", str(out))
+        rows.append(summary_row(out, name))
+    wsip("report", "--out", str(out))
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s (workspace: {out})\n")
+    print_table(rows)
+    print(f"\nreport: {out / 'report.html'} · heatmaps: {out / 'predictions'}/<run>/holdout_heatmap.png")
 
 
 if __name__ == "__main__":

@@ -21,4 +21,8 @@ def test_small_demo_runs_end_to_end(tmp_path):
     record = json.loads((tmp_path / "predictions/demo_gmmamba/holdout.json").read_text())
     assert abs(sum(record["probabilities"].values()) - 1) < 1e-6
     assert (tmp_path / "predictions/demo_gmmamba/holdout_heatmap.png").exists()
-    assert (tmp_path / "runs/demo_gmmamba/summary.csv").exists()
+    assert (tmp_path / "runs/demo_gmmamba/summary.csv").exists() and (tmp_path / "runs/demo_abmil/summary.csv").exists()
+    assert 0 <= record["top10_on_annotation"] <= 1  # the lesions' ground truth reached predict
+    assert (tmp_path / "report.html").stat().st_size > 10_000
+    table = proc.stdout[proc.stdout.index("top-10 attention on lesions"):]
+    assert "gmmamba" in table and "abmil" in table

@@ -76,7 +76,7 @@ def test_mask_count(m: int, ratio: float, min_one: bool, k: int) -> None:
 
 
 def test_masking_drops_the_k_lowest_and_keeps_original_order() -> None:
-    model = _model().eval()
+    model = _model(batch_groups=False).eval()  # per-group calls, so the hooks see one group each
     features, coords = _bag(157)
     groups = model.make_groups(None, coords.numpy())
     calls: list[dict[str, torch.Tensor]] = []
@@ -94,6 +94,28 @@ def test_masking_drops_the_k_lowest_and_keeps_original_order() -> None:
         keep = np.setdiff1d(np.arange(m), dropped.numpy())  # ascending = original order
         torch.testing.assert_close(call["kept"], call["r1"][keep])  # un-normalised r1, in order
         assert (attn[g] == 0).sum() == k and (attn[g[keep]] > 0).all()
+
+
+@pytest.mark.parametrize("learnable_mask", [False, True])
+def test_batched_groups_equal_the_per_group_loop(learnable_mask: bool) -> None:
+    """Padding all groups into one batch (each reversed within its own length for the backward scan) must
+    give the released per-group computation: logits, attention and every gradient."""
+    features, coords = _bag(157)
+    results = []
+    for batch in (False, True):
+        model = _model(batch_groups=batch, learnable_mask=learnable_mask)
+        groups = model.make_groups(None, coords.numpy())
+        assert len({len(g) for g in groups}) > 1  # groups of different lengths: padding happens
+        logits, attn = model(features, coords, groups)
+        (logits[0, 1] + (attn * torch.arange(len(attn))).sum()).backward()
+        results.append((logits.detach(), attn.detach(), {k: p.grad for k, p in model.named_parameters()
+                                                         if p.grad is not None}))
+    (l0, a0, g0), (l1, a1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a1, a0, rtol=1e-5, atol=1e-7)
+    assert g0.keys() == g1.keys()
+    for name in g0:  # float rounding only: ≤ 1e-5 of each gradient's scale
+        assert (g1[name] - g0[name]).abs().max() <= 1e-5 * g0[name].abs().max() + 1e-7, name
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7])

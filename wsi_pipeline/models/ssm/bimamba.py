@@ -24,8 +24,15 @@ Reverse = Literal["flip", "stride"]
 def _channels_first_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(out, in) weight applied to x (B, in, L) -> (B, out, L) contiguous, as one GEMM per batch element.
     The scan wants channels first; nn.Linear on a transposed view (or torch.matmul's 2-D @ 3-D folding) gives
-    a transposed result instead, and each such layout change costs a strided copy forward and backward."""
-    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+    a transposed result instead, and each such layout change costs a strided copy forward and backward.
+    It is one matrix product over all B·L steps: a bmm over an expanded weight would materialise and reduce a
+    (B, out, in) weight gradient in backward — for short sequences (GMMamba's groups) the dominant cost. The
+    (B, in, L) ↔ (in, B·L) copies it needs instead are activation-sized, and free for B = 1."""
+    b, d_in, length = x.shape
+    if b == 1:
+        return (weight @ x[0])[None]
+    y = weight @ x.transpose(0, 1).reshape(d_in, b * length)
+    return y.view(-1, b, length).transpose(0, 1).contiguous()
 
 
 def _mamba_dt_init_(
@@ -98,6 +105,14 @@ def stride_restore(y: torch.Tensor, rate: int, length: int) -> torch.Tensor:
     return y.view(b, d, rate, padded // rate).transpose(-1, -2).reshape(b, d, padded)[..., :length]
 
 
+def reversal_index(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) gather index reversing each row's first `lengths[b]` steps and keeping the padding after
+    them in place; it is its own inverse."""
+    t = torch.arange(length, device=lengths.device)[None]
+    m = lengths[:, None]
+    return torch.where(t < m, m - 1 - t, t)
+
+
 class BiMamba(nn.Module):
     """Shared in_proj -> forward scan + second scan over a reordered sequence -> sum -> shared out_proj.
 
@@ -142,15 +157,23 @@ class BiMamba(nn.Module):
         self.bwd = SSMDirection(d_inner, **direction)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
-    def _second_direction(self, xz: torch.Tensor) -> torch.Tensor:
+    def _second_direction(self, xz: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
         length = xz.shape[-1]
+        if self.reverse == "flip" and lengths is not None:
+            index = reversal_index(lengths, length)[:, None, :].expand_as(xz)
+            return self.bwd(*xz.gather(-1, index).chunk(2, dim=1)).gather(-1, index[:, : xz.shape[1] // 2])
         if self.reverse == "flip":
             return self.bwd(*xz.flip(-1).chunk(2, dim=1)).flip(-1)
+        if lengths is not None:
+            raise ValueError("padded batches (lengths) need reverse='flip'")
         return stride_restore(self.bwd(*stride_order(xz, self.rate).chunk(2, dim=1)), self.rate, length)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, d_model) -> (B, L, d_model). `lengths` (B,): sequences right-padded to L; the second
+        direction then reverses each sequence's first `lengths[b]` steps only, so in both directions padding
+        follows every real step and (causal conv and scan) never changes a real step's output."""
         xz = _channels_first_linear(self.in_proj.weight, hidden.transpose(1, 2))
-        y = self.fwd(*xz.chunk(2, dim=1)) + self._second_direction(xz)
+        y = self.fwd(*xz.chunk(2, dim=1)) + self._second_direction(xz, lengths)
         # transposing the (B, d_model, L) result is the cheapest layout change left (d_model < d_inner)
         return _channels_first_linear(self.out_proj.weight, y).transpose(1, 2).contiguous()
 

@@ -114,8 +114,9 @@ def test_batched_groups_equal_the_per_group_loop(learnable_mask: bool) -> None:
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a1, a0, rtol=1e-5, atol=1e-7)
     assert g0.keys() == g1.keys()
-    for name in g0:  # float rounding only: ≤ 1e-5 of each gradient's scale
-        assert (g1[name] - g0[name]).abs().max() <= 1e-5 * g0[name].abs().max() + 1e-7, name
+    scale = max(float(g.abs().max()) for g in g0.values())
+    for name in g0:  # float rounding only (a softmax-invariant bias has a true gradient of 0: noise alone)
+        assert (g1[name] - g0[name]).abs().max() <= 1e-5 * max(float(g0[name].abs().max()), 1e-3 * scale), name
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7])

@@ -5,7 +5,8 @@ the weights' sha256). A new slide goes through the same `patch` and `extract` fu
 in the workspace's own `predictions/_slides/` (so a slide named like a training slide never touches the
 cohort's files), then through every fold's selected model. Fold probabilities are averaged; per-instance
 attention (masked instances: zero) becomes a heatmap. Outputs: `predictions/<run name>/<slide_id>.json`
-and `<slide_id>_heatmap.png`.
+and `<slide_id>_heatmap.png`, rewritten only when they change: predicting a slide again writes nothing (a
+read-only workspace works once its predictions are there).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from wsi_pipeline.stages.predict.models import find_run, load_fold_models, predi
 from wsi_pipeline.stages.runner import DONE, FAILED, FAILURES
 from wsi_pipeline.stages.train.splits import parse_splits_csv
 from wsi_pipeline.workspace.feature_store import feature_attrs, read_bag
-from wsi_pipeline.workspace.files import write_json_atomic
+from wsi_pipeline.workspace.files import remove_stale_temps, storage_errors, write_json_if_changed
 from wsi_pipeline.workspace.layout import Layout, RunDir
 
 __all__ = ["PredictParams", "PredictResult", "SlidePrediction", "predict"]
@@ -72,6 +73,11 @@ def predict(slides: Sequence[SlideSource], params: PredictParams = PredictParams
     if params.annotations is not None and not Path(params.annotations).is_dir():
         raise UserError(f"--annotations {params.annotations}: no such folder (one <slide_id>.geojson per slide)")
     layout = Layout.at(out)
+    with storage_errors(layout.root):
+        return _predict(slides, params, layout)
+
+
+def _predict(slides: Sequence[SlideSource], params: PredictParams, layout: Layout) -> PredictResult:
     run = find_run(layout, params.run)
     device = resolve_device(params.device)
     models = load_fold_models(run, params.fold, device)
@@ -84,6 +90,7 @@ def predict(slides: Sequence[SlideSource], params: PredictParams = PredictParams
     _check_same_features(extracted.feature_set.params, record)
     failed = {o.slide_id: o.error for o in extracted.outcomes if o.status == FAILED}
     out_dir = layout.predictions(run.name)
+    remove_stale_temps(out_dir)
     training_ids = _training_ids(run)
     predictions = []
     for source in slides:
@@ -113,7 +120,7 @@ def predict(slides: Sequence[SlideSource], params: PredictParams = PredictParams
                 annotations=outer_rings(regions) if regions else (),
                 title=f"{sid}: {result['predicted']} ({max(mean):.2f}), run {run.name}") if params.heatmap else None
         json_path = out_dir / f"{sid}.json"
-        write_json_atomic(json_path, result)
+        write_json_if_changed(json_path, result)
         predictions.append(SlidePrediction(sid, DONE, result["probabilities"], result["predicted"], json_path,
                                            heatmap_path, work.patch_set(patch_params.config_name()).qc(sid),
                                            note=note))

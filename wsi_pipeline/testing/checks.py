@@ -31,8 +31,12 @@ def workspace_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
-def workspace_problems(root: Path) -> list[str]:
-    """Leftovers, unparsable files and manifests that disagree with their files (see module docstring)."""
+def workspace_problems(root: Path, *, stopped: bool = False) -> list[str]:
+    """Leftovers, unparsable files and manifests that disagree with their files (see module docstring).
+
+    `stopped`: the workspace of a run that stopped on an error, where an unfinished slide's partial feature
+    store is its resume point rather than a leftover.
+    """
     problems = []
     for path in workspace_files(root):
         rel = path.relative_to(root)
@@ -41,7 +45,8 @@ def workspace_problems(root: Path) -> list[str]:
         elif path.suffix == ".lock" and (path.parent.name == ".locks" or path.parent.name == "runs"):
             problems.append(f"{rel}: lock left behind")
         elif ".partial" in rel.parts:
-            problems.append(f"{rel}: partial feature store left behind")
+            if not stopped:
+                problems.append(f"{rel}: partial feature store left behind")
         elif path.suffix == ".lock" and path.stem == MANIFEST.split(".")[0]:
             continue  # the manifest's flock sidecar: empty by design
         else:
@@ -56,15 +61,16 @@ def workspace_problems(root: Path) -> list[str]:
     return problems + _manifest_problems(Layout(root))
 
 
-def differences(reference: Path, root: Path) -> list[str]:
-    """How `root` differs from `reference` (file set and contents), each one's own folder written `<ws>`."""
+def differences(reference: Path, root: Path, *, home: Path | None = None) -> list[str]:
+    """How `root` differs from `reference` (file set and contents), each one's folder written `<ws>`: the
+    folder holding the workspace, or `home` for `root` when it was made elsewhere and copied here."""
     ref_files = {p.relative_to(reference) for p in workspace_files(reference)}
     files = {p.relative_to(root) for p in workspace_files(root)}
     problems = [f"{rel}: missing" for rel in sorted(ref_files - files)]
     problems += [f"{rel}: not in the reference" for rel in sorted(files - ref_files)]
     for rel in sorted(ref_files & files):
         compare = _same_manifest if rel.name == MANIFEST else _COMPARE.get(rel.suffix, _same_bytes)
-        if not compare(_Side(reference / rel, reference.parent), _Side(root / rel, root.parent)):
+        if not compare(_Side(reference / rel, reference.parent), _Side(root / rel, home or root.parent)):
             problems.append(f"{rel}: differs from the reference")
     return problems
 

@@ -13,12 +13,9 @@ features and checkpoints bit for bit, coords equal, the training summary byte-id
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,90 +24,12 @@ import yaml
 
 from wsi_pipeline.faults import EVENTS, FAULT_AT_ENV, FAULT_LOG_ENV
 from wsi_pipeline.testing.checks import differences, workspace_problems
+from wsi_pipeline.testing.launch import run_wsip
 from wsi_pipeline.testing.synthetic import make_demo_cohort
 
-WSIP = [sys.executable, "-m", "wsi_pipeline.cli"]
 STAGES = ("patch", "extract", "train", "predict")
 FEATURES = "features/20x_256px_0px/resnet18_random"  # what the sweep's extract makes
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """The environment of a sweep's `wsip`: this very `wsi_pipeline` (whatever the folder), no inherited fault
-    variables or workspace, one torch thread (the resumed and the reference training then compute
-    identically, and nothing oversubscribes a small box)."""
-    env = {k: v for k, v in os.environ.items() if k not in (FAULT_AT_ENV, FAULT_LOG_ENV, "WSIP_OUT")}
-    path = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-    return {**env, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
-
-
-def run_wsip(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    """`wsip ARGS` in a fresh interpreter."""
-    return subprocess.run([*WSIP, *args], cwd=cwd, env=cli_env(**env), capture_output=True, text=True,
-                          timeout=600)
-
-
-# Reads one JSON job per line ({"args", "cwd", "env", "log"}), runs `wsip` in a forked child with its output
-# in "log", and answers the child's exit code (negative: killed by that signal), one per line.
-_FORK_SERVER = r"""
-import json, os, sys, traceback
-import wsi_pipeline.cli as cli
-import matplotlib, timm, zarr  # everything heavy, imported once
-import wsi_pipeline.stages.predict, wsi_pipeline.stages.train
-matplotlib.use("Agg")
-import matplotlib.pyplot
-for line in sys.stdin:
-    job = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.chdir(job["cwd"])
-            os.environ.clear()
-            os.environ.update(job["env"])
-            log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            sys.argv = ["wsip", *job["args"]]
-            try:
-                cli.app()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-            except BaseException:
-                traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
-"""
-
-
-class ForkedWsip:
-    """`wsip` runs forked from one interpreter that imported torch, sklearn and the stages once: each run is
-    still its own process, started with its own arguments, folder and environment, killed or exiting as
-    `wsip` does, but it costs its work rather than a 3-8 s import (the sweep makes hundreds of runs)."""
-
-    def __init__(self) -> None:
-        self.server = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, text=True, env=cli_env())
-
-    def __call__(self, args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-        log = Path(cwd) / ".wsip-output.txt"
-        job = {"args": args, "cwd": str(cwd), "env": cli_env(**env), "log": str(log)}
-        self.server.stdin.write(json.dumps(job) + "\n")
-        self.server.stdin.flush()
-        answer = self.server.stdout.readline()
-        if not answer:
-            raise RuntimeError("the wsip fork server died")
-        output = log.read_text()
-        log.unlink()
-        return subprocess.CompletedProcess(args, int(answer), "", output)
-
-    def close(self) -> None:
-        self.server.stdin.close()
-        self.server.wait(timeout=60)
+Launcher = Callable[..., subprocess.CompletedProcess]  # run_wsip or a ForkedWsip
 
 
 def make_cohort(cohort: Path, trial: Path) -> None:
@@ -189,9 +108,6 @@ class Counts:
     def failures(self) -> list[str]:
         return [f"{t.stage} killed at {t.point}: rerun exit {t.rerun_rc}; {'; '.join(t.problems[:5])}"
                 for t in self.trials if not t.recovered]
-
-
-Launcher = Callable[..., subprocess.CompletedProcess]  # run_wsip or a ForkedWsip
 
 
 class Sweep:

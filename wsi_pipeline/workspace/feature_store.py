@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from wsi_pipeline import faults
-from wsi_pipeline.workspace.files import atomic_write, save_torch_atomic, write_text_atomic
+from wsi_pipeline.workspace.files import save_torch_atomic, write_h5_atomic, write_text_atomic
 
 
 class PartialFeatures:
@@ -83,12 +83,14 @@ def write_features(h5_path: Path | None, pt_path: Path | None, features: np.ndar
         if h5_path is None:
             write_text_atomic(pt_path.with_suffix(".key"), str(attrs["cache_key"]))
     if h5_path is not None:
+        def fill(f: h5py.File) -> None:
+            f.create_dataset("features", data=features.astype(np.float32, copy=False))
+            f.create_dataset("coords", data=coords.astype(np.int64, copy=False))
+            for k, v in attrs.items():
+                f.attrs[k] = v
+
         try:
-            with atomic_write(h5_path) as tmp, h5py.File(tmp, "w") as f:
-                f.create_dataset("features", data=features.astype(np.float32))
-                f.create_dataset("coords", data=coords.astype(np.int64))
-                for k, v in attrs.items():
-                    f.attrs[k] = v
+            write_h5_atomic(h5_path, fill)
         except Exception:  # e.g. a full disk: no pt of an unfinished slide stays either
             if pt_path is not None:
                 pt_path.unlink(missing_ok=True)

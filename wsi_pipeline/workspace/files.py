@@ -19,7 +19,7 @@ import math
 import os
 import socket
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,17 @@ def save_torch_atomic(path: str | os.PathLike[str], obj: Any) -> None:
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def write_h5_atomic(path: str | os.PathLike[str], fill: Callable[[Any], None]) -> None:
+    """An HDF5 file made by `fill(h5py.File)` in memory, then written as bytes: a full disk is then the
+    OSError(ENOSPC) of one write, not HDF5 errors raised (and printed) while h5py tears down its objects."""
+    import h5py
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        fill(f)
     write_bytes_atomic(path, buffer.getvalue())
 
 

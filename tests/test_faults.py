@@ -11,18 +11,27 @@ read-only, a tmpfs that fills up, each in a private mount namespace (root); else
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
+from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.stages.train import TrainParams, train
 from wsi_pipeline.testing.checks import differences, workspace_files, workspace_problems
-from wsi_pipeline.testing.launch import ForkedWsip, namespaces_available, read_only, tmpfs
+from wsi_pipeline.testing.launch import (
+    ForkedWsip,
+    can_make_read_only,
+    namespaces_available,
+    read_only_workspace,
+    tmpfs,
+)
 from wsi_pipeline.testing.sweep import STAGES, Sweep, stage_args
 
 FULL_POINTS = int(os.environ.get("WSIP_FAULT_POINTS", "24"))
@@ -82,23 +91,9 @@ def finished(sweep, wsip) -> Path:
     return folder
 
 
-@contextmanager
-def read_only_workspace(wsip: ForkedWsip, ws: Path) -> Iterator[None]:
-    """`ws` read-only for `wsip`'s runs: a read-only bind mount (root), else `chmod -R a-w` (another user)."""
-    if namespaces_available():
-        with wsip.mounted(read_only(ws), ws):
-            yield
-        return
-    if os.geteuid() == 0:
-        pytest.skip("root without mount namespaces: nothing makes a folder read-only for root")
-    subprocess.run(["chmod", "-R", "a-w", str(ws)], check=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["chmod", "-R", "u+w", str(ws)], check=True)
-
-
 def test_cached_stages_succeed_on_a_read_only_workspace_and_writes_fail_in_one_line(finished, sweep, wsip):
+    if not can_make_read_only():
+        pytest.skip("root without mount namespaces: nothing makes a folder read-only for root")
     ws = finished / "ws"
     before = digest(ws)
     with read_only_workspace(wsip, ws):
@@ -187,3 +182,43 @@ def test_predict_while_extract_rewrites_the_cohort_features(sweep, wsip):
     predicting = wsip(stage_args("predict", sweep.cohort), folder)
     assert extracting.wait().returncode == 0 and predicting.returncode == 0, predicting.stderr
     assert workspace_problems(folder / "ws") == [] and differences(sweep.reference("predict"), folder / "ws") == []
+
+
+# ------------------------------------------------------------------------------ training's own guards
+
+
+def train_in(folder: Path, sweep: Sweep, **changes) -> TrainParams:
+    """A copy of the workspace before training, with a config changed per section."""
+    shutil.copytree(sweep.before("train"), folder)
+    cfg = yaml.safe_load((folder / "cfg.yaml").read_text())
+    for key, value in changes.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(cfg.get(key), dict) else value
+    (folder / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    return TrainParams(folder / "cfg.yaml")
+
+
+def test_a_diverging_fold_stops_in_one_line_naming_the_slide_and_selects_no_nan_model(sweep, tmp_path):
+    params = train_in(tmp_path / "t", sweep, optim={"lr": 1e30})
+    with pytest.raises(ConfigError, match=r"fold 0, epoch 0: the training loss on slide demo_\d\d is nan") as err:
+        train(params)
+    assert "\n" not in str(err.value) and "lower optim.lr" in str(err.value)
+    fold = tmp_path / "t" / "ws" / "runs" / "r" / "fold_0"
+    assert not (fold / "best.pt").exists() and not (fold / "metrics.json").exists()
+
+
+def test_undefined_metrics_are_json_null_on_disk_nan_in_memory_and_a_finished_run_writes_nothing(sweep, tmp_path):
+    """A test set of one class has no AUC: metrics.json must still be JSON that any reader accepts."""
+    (tmp_path / "splits.csv").write_text("fold,split,slide_id\n" + "".join(
+        f"0,{part},demo_{i:02d}\n" for part, ids in (("train", (1, 3, 4, 5, 6, 7)), ("val", (8, 9)),
+                                                      ("test", (0, 2))) for i in ids))
+    params = train_in(tmp_path / "t", sweep, splits={"file": str(tmp_path / "splits.csv")})
+    first = train(params)
+    run = first.run_dir
+    stored = json.loads((run / "fold_0" / "metrics.json").read_text(),
+                        parse_constant=lambda name: pytest.fail(f"metrics.json holds a bare {name}"))
+    assert stored["test"]["auc"] is None and math.isnan(first.folds[0].metrics["test"]["auc"])
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    again = train(params)  # every fold done: read back from disk
+    assert math.isnan(again.folds[0].metrics["test"]["auc"]) and str(again.summary) == str(first.summary)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == stamps  # nothing rewritten
+    assert "nan" in (run / "summary.csv").read_text() and "nan" in (run / "report.md").read_text()

@@ -157,6 +157,25 @@ class Running:
             self.log.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def read_only_workspace(wsip: ForkedWsip, ws: Path) -> Iterator[None]:
+    """`ws` read-only for `wsip`'s runs: bind-mounted read-only in its namespace (root), else `chmod -R a-w`
+    for the block (another user; root ignores permissions, hence `can_make_read_only`)."""
+    if namespaces_available():
+        with wsip.mounted(read_only(ws), ws):
+            yield
+        return
+    subprocess.run(["chmod", "-R", "a-w", str(ws)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(ws)], check=True)
+
+
+def can_make_read_only() -> bool:
+    return namespaces_available() or os.geteuid() != 0
+
+
 def read_only(path: Path) -> str:
     """A mount command: `path` bind-mounted onto itself, read-only (even root cannot write there)."""
     q = shlex.quote(str(path))

@@ -84,20 +84,20 @@ def _predict(slides: Sequence[SlideSource], params: PredictParams, layout: Layou
     classes = tuple(models[0][1]["model"]["classes"])
     record, patch_params, extract_params = recorded_stage_params(run)
     work = layout.prediction_slides()
-    patched = {o.slide_id: o for o in patch(slides, patch_params, out=work).outcomes}
-    extracted = extract(replace(extract_params, device=params.device), out=work,
-                        slide_ids=[s.slide_id for s in slides])
-    _check_same_features(extracted.feature_set.params, record)
-    failed = {o.slide_id: o.error for o in extracted.outcomes if o.status == FAILED}
+    errors = {o.slide_id: o.error for o in patch(slides, patch_params, out=work).outcomes if o.status in FAILURES}
+    patched = [s.slide_id for s in slides if s.slide_id not in errors]
+    if patched:  # else every slide failed its patching: nothing to encode
+        extracted = extract(replace(extract_params, device=params.device), out=work, slide_ids=patched)
+        _check_same_features(extracted.feature_set.params, record)
+        errors |= {o.slide_id: o.error for o in extracted.outcomes if o.status == FAILED}
     out_dir = layout.predictions(run.name)
     remove_stale_temps(out_dir)
     training_ids = _training_ids(run)
     predictions = []
     for source in slides:
         sid = source.slide_id
-        error = patched[sid].error if patched[sid].status in FAILURES else failed.get(sid, "")
-        if error:
-            predictions.append(SlidePrediction(sid, FAILED, error=error))
+        if sid in errors:
+            predictions.append(SlidePrediction(sid, FAILED, error=errors[sid]))
             continue
         h5_path = extracted.feature_set.h5(sid)
         features, coords = read_bag(h5_path)

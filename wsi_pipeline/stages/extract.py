@@ -156,6 +156,7 @@ def extract_slide(job: SlideJob, *, encoder: Encoder, params: ExtractParams, fea
     key = _cache_key(encoder, params, cattrs)
     h5_path, pt_path = _output_paths(job.slide_id, params, feature_set)
     if not force and features_are_current(h5_path, pt_path, key):
+        shutil.rmtree(feature_set.partial(job.slide_id), ignore_errors=True)  # a run killed before removing it
         return SlideOutcome(job.slide_id, runner.CACHED, {"n_patches": len(coords), "dim": encoder.dim})
     if len(coords) == 0:
         raise UserError(f"{job.coords_path}: no patches; nothing to encode")

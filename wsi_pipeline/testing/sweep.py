@@ -58,9 +58,9 @@ def stage_args(stage: str, cohort: Path) -> list[str]:
 def kill_points(trace: list[str], n: int) -> list[str]:
     """`n` kill points `<event>:<k>` spread over a run's events: the run is cut into `n` equal segments and
     segment j takes the event nearest its middle of kind j (cycling through the kinds the run has)."""
-    kinds = [e for e in EVENTS if e in trace]
+    kinds, n = [e for e in EVENTS if e in trace], min(n, len(trace))
     points = []
-    for j in range(min(n, len(trace))):
+    for j in range(n):
         lo, hi = j * len(trace) // n, max((j + 1) * len(trace) // n, j * len(trace) // n + 1)
         middle = (lo + hi) / 2
         wanted = [i for i in range(lo, hi) if trace[i] == kinds[j % len(kinds)]] or list(range(lo, hi))

@@ -30,6 +30,7 @@ Checkpoints (`torch.load(path, weights_only=True)` reads both): `best.pt` = {"mo
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import random
@@ -47,7 +48,7 @@ from wsi_pipeline.models.mil import bag_loss, create_model
 from wsi_pipeline.stages.train.bags import Bag
 from wsi_pipeline.stages.train.config import OptimConfig
 from wsi_pipeline.stages.train.metrics import SCALARS, classification_metrics, selection_score
-from wsi_pipeline.workspace.files import atomic_write, save_torch_atomic, write_json_atomic
+from wsi_pipeline.workspace.files import atomic_write, save_torch_atomic, write_json_atomic, write_text_if_changed
 from wsi_pipeline.workspace.layout import FoldDir
 
 _FALLBACK_NOTE = "training ended before any epoch was eligible (epoch > select_after): last epoch used"
@@ -233,7 +234,9 @@ def _finish(
     out: FoldDir,
     meta: dict[str, Any],
 ) -> dict[str, Any]:
-    """Write preds.csv and, last (it marks the fold done), metrics.json."""
+    """Write preds.csv, the log (a run killed between `last.pt` and `log.csv` of its final epoch resumes
+    straight here) and, last (it marks the fold done), metrics.json."""
+    _write_log(out.log, state.log)
     selection = "best_val"
     if state.best_epoch < 0:  # no epoch was eligible: fall back to the last one
         selection = "last_epoch"
@@ -313,10 +316,11 @@ def _numpy_state() -> tuple[Any, ...]:
 
 
 def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
-    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_if_changed(path, text.getvalue())
 
 
 def _write_preds(path: Path, data: FoldData, classes: Sequence[str], probs: list[list[float]]) -> None:

@@ -4,8 +4,9 @@
 progress, is refused with one line), then creates the folder or checks that the one there belongs to this
 very experiment: a changed config (other than `device` and `out`, which do not define the experiment) or
 changed splits are refused, naming what changed; `force` deletes the run and starts over. A run already
-finished with exactly this config is opened without its lock: nothing will be written (a read-only
-workspace works), and reading finished files needs no exclusion.
+finished with exactly this config, and no lock beside it (not even a dead writer's), is opened without
+taking the lock: nothing will be written (a read-only workspace works), and reading finished files needs
+no exclusion.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ _NOT_EXPERIMENT = ("device", "out")  # keys that may change between a run and it
 def open_run(cfg: TrainConfig, splits: Splits, *, force: bool) -> Iterator[RunDir]:
     """The prepared run folder, held exclusively for the duration of the block (unless finished as is)."""
     run = cfg.run
-    if not force and _finished_as_is(cfg, splits, run):
+    if not force and not run.lock.exists() and _finished_as_is(cfg, splits, run):
+        remove_stale_temps(*run.output_dirs())
         yield run
         return
     lock = OwnerLock(run.lock)

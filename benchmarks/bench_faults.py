@@ -33,7 +33,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="wsip-faults-") as root:
             start = time.perf_counter()
             sweep = Sweep.prepare(Path(root), run_wsip if forked is None else forked)
-            print(f"kill-anywhere sweep, {args.points} points per stage, runs "
+            print(f"kill-anywhere sweep, up to {args.points} points per stage (at most one per event), runs "
                   f"{'in fresh interpreters' if args.fresh else 'forked from one interpreter'}; {machine()}")
             print(f"references (one uninterrupted run per stage): {time.perf_counter() - start:.0f} s; events per "
                   "run: " + ", ".join(f"{stage} {len(trace)}" for stage, trace in sweep.traces.items()))

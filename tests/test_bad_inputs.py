@@ -119,6 +119,15 @@ def h5_features(dims: Callable[[int], int] = lambda i: 8, rows: Callable[[int], 
     return make
 
 
+def torn_partial_store(folder: Path, cohort: Path) -> None:
+    """demo_05's features gone and its partial store holding an empty `wsip.json`, as a full disk left it."""
+    features = cohort.parent / "finished" / "ws" / FEATURES
+    for path in (features / "h5_files" / "demo_05.h5", features / "pt_files" / "demo_05.pt"):
+        path.unlink(missing_ok=True)
+    (features / ".partial" / "demo_05.zarr").mkdir(parents=True, exist_ok=True)
+    (features / ".partial" / "demo_05.zarr" / "wsip.json").write_text("")
+
+
 def unfinished_run(folder: Path, cohort: Path) -> None:
     (cohort.parent / "finished" / "ws" / "runs" / "unfinished" / "fold_0").mkdir(parents=True, exist_ok=True)
 
@@ -130,10 +139,11 @@ def unfinished_run(folder: Path, cohort: Path) -> None:
 class Case:
     name: str
     args: tuple[str, ...]
-    code: int  # 2: refused before any work, one line; 1: the named slide failed, the others are kept
+    code: int  # 2: refused, one line; 1: the named slide failed, the others are kept; 0: recovered
     says: tuple[str, ...]  # in the message: the file or option, and the fix
     make: Callable[[Path, Path], Any] | None = None
     read_only: bool = False  # the finished workspace is read-only during the run
+    remakes: str = "-"  # outputs a recovering run may add back (a part of their paths); nothing by default
 
 
 PATCH = ("patch", "--out", "{ws}", "--quiet")
@@ -189,6 +199,9 @@ CASES = [
     Case("--precision fp8", (*EXTRACT, "--precision", "fp8"), 2, ("--precision", "choose auto")),
     Case("--format npy", (*EXTRACT, "--format", "npy"), 2, ("--format npy", "choose h5")),
     Case("--patches unknown config", (*EXTRACT, "--patches", "40x_nothing"), 2, ("40x_nothing", "--patches")),
+    Case("--precision fp32 after auto on a CPU", (*EXTRACT, "--precision", "fp32"), 0, ("10 cached",)),
+    Case("a partial store with an empty wsip.json", EXTRACT, 0, ("demo_05: done", "9 cached"), torn_partial_store,
+         remakes="/demo_05."),
     # train
     Case("train config missing", ("train", "--cfg", "{in}/nowhere.yaml"), 2, ("{in}/nowhere.yaml", "--cfg")),
     Case("train YAML syntax error", TRAIN, 2, ("cfg.yaml", "malformed YAML", "fix the syntax"),
@@ -271,7 +284,7 @@ def finished_outputs(ws: Path) -> dict[str, str]:
         if path.name == MANIFEST:
             for row in read_manifest(path):
                 state[f"{rel}:{row['slide_id']}"] = str({k: v for k, v in row.items() if k not in TIMING_COLUMNS})
-        elif not path.name.endswith(".lock"):
+        elif not path.name.endswith(".lock") and ".partial" not in path.parts:  # a resume point, not an output
             state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return state
 
@@ -310,6 +323,9 @@ def test_bad_input(case, finished, wsip, tmp_path):
         assert words in output, f"{words!r} not in: {output}"
     after = finished_outputs(ws)
     assert {k: after.get(k) for k in before} == before, "finished outputs changed"
+    if case.code != 1:  # and nothing new, but the row's own training run or what it remakes
+        new = [k for k in set(after) - set(before) if not k.startswith(f"runs/{tmp_path.name}/")]
+        assert all(case.remakes in k for k in new), new
     if case.code == 1:  # the failure is recorded, in its slide's manifest row
         rows = [r for m in ws.rglob(MANIFEST) for r in csv.DictReader(m.open()) if r["status"] != "done"]
         assert any(all(filled(w) in r["error"] for w in case.says[1:]) for r in rows), rows

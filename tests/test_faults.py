@@ -10,6 +10,7 @@ read-only, a tmpfs that fills up, each in a private mount namespace (root); else
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -22,7 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.errors import ConfigError, StorageError
+from wsi_pipeline.stages.inputs import resolve_inputs
+from wsi_pipeline.stages.patch import patch
 from wsi_pipeline.stages.train import TrainParams, train
 from wsi_pipeline.testing.checks import differences, workspace_files, workspace_problems
 from wsi_pipeline.testing.launch import (
@@ -136,6 +139,29 @@ def test_a_full_disk_stops_in_one_line_and_the_rerun_completes(sweep, wsip, stag
     assert workspace_problems(stopped, stopped=True) == []
     assert second.returncode == 0, second.stderr
     assert workspace_problems(rerun) == [] and differences(sweep.reference(stage), rerun, home=disk) == []
+
+
+def test_a_failed_write_leaves_no_half_file_without_root_either(sweep, tmp_path, monkeypatch):
+    """The same contract where no tmpfs can be mounted: from the 4th file on, every write stores half its
+    bytes and fails with ENOSPC, as a full disk does (in-process, on the patch stage)."""
+    write_bytes, writes = Path.write_bytes, []
+
+    def full_disk(self: Path, data: bytes) -> int:
+        writes.append(self)
+        if len(writes) <= 3:
+            return write_bytes(self, data)
+        write_bytes(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    ws = tmp_path / "ws"
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(StorageError, match="no space left") as err:
+        patch(resolve_inputs([sweep.cohort / "slides"]), out=ws)
+    monkeypatch.undo()
+    assert str(ws) in str(err.value) and workspace_problems(ws, stopped=True) == []
+    rerun = patch(resolve_inputs([sweep.cohort / "slides"]), out=ws).outcomes
+    assert {o.status for o in rerun} == {"cached", "done"}  # what the full disk stopped, and what it had kept
+    assert differences(sweep.reference("patch"), ws) == []
 
 
 # ---------------------------------------------------------------------------------------- concurrency

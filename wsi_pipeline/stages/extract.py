@@ -46,6 +46,9 @@ from wsi_pipeline.workspace.shards import parse_shard, take_shard
 MANIFEST_COLUMNS = ("slide_id", "slide_path", "status", "n_patches", "dim", "seconds", "patches_per_s", "error")
 _CODE = code_digest(__file__)  # the encoders' own code is covered by the weights' sha256 and the spec
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# How a run goes, not what it makes: left out of the feature set's params.json (which records the precision
+# resolved), so rerunning a cached set with other ones writes nothing (docs/reliability.md).
+_RUN_KNOBS = ("batch_size", "workers", "device")
 
 
 @dataclass(frozen=True)
@@ -252,9 +255,9 @@ def extract(params: ExtractParams = ExtractParams(), *, out: str | Path | Layout
     """Encode every patched slide into `<out>/features/<patch config>/<feature set>/`.
 
     Callable from Python exactly as `wsip extract`; `slide_ids` restricts the run (used by `wsip predict`).
-    The feature set's `params.json` records the extract params, the weights' sha256 and the patch params,
-    so the set describes itself wherever the workspace is moved. A feature set whose slides are all current
-    writes nothing (works on a read-only workspace).
+    The feature set's `params.json` records the extract params that make the features (precision resolved),
+    the weights' sha256 and the patch params, so the set describes itself wherever the workspace is moved.
+    A feature set whose slides are all current writes nothing (works on a read-only workspace).
     """
     params.validate()
     get_spec(params.encoder)  # an unknown encoder name is reported before anything else
@@ -273,8 +276,10 @@ def extract(params: ExtractParams = ExtractParams(), *, out: str | Path | Layout
         feature_set.dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(*feature_set.output_dirs())
         write_json_if_changed(feature_set.params, {
-            **asdict(params), "weights_sha256": encoder.weights_sha256, "dim": encoder.dim,
-            "patch_config": patch_set.name, "patch_params": json.loads(patch_set.params.read_text())})
+            **{k: v for k, v in asdict(params).items() if k not in _RUN_KNOBS},
+            "precision": precision_name(params.precision, device), "weights_sha256": encoder.weights_sha256,
+            "dim": encoder.dim, "patch_config": patch_set.name,
+            "patch_params": json.loads(patch_set.params.read_text())})
         job = partial(extract_slide, encoder=encoder, params=params, feature_set=feature_set, force=force,
                       on_patches=on_patches)
         current = partial(is_current, encoder=encoder, params=params, feature_set=feature_set)

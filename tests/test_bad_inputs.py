@@ -31,7 +31,7 @@ from wsi_pipeline.stages.train import TrainParams, train
 from wsi_pipeline.testing.checks import TIMING_COLUMNS, workspace_files
 from wsi_pipeline.testing.launch import ForkedWsip, can_make_read_only, namespaces_available, read_only_workspace
 from wsi_pipeline.testing.sweep import FEATURES, make_cohort
-from wsi_pipeline.workspace.layout import MANIFEST
+from wsi_pipeline.workspace.layout import MANIFEST, FeatureSet, Layout
 from wsi_pipeline.workspace.manifest import read_manifest
 
 # ------------------------------------------------------------------------------------------ bad inputs
@@ -86,7 +86,7 @@ def train_config(labels: list[str] | None = None, features: Callable[[Path, Path
     def make(folder: Path, cohort: Path) -> None:
         cfg = yaml.safe_load((cohort.parent / "finished" / "cfg.yaml").read_text())
         cfg.update(name=folder.name, out=str(cohort.parent / "finished" / "ws"))  # a run of its own
-        cfg["data"]["features"] = str(cohort.parent / "finished" / "ws" / FEATURES)
+        cfg["data"]["features"] = str(cohort.parent / "finished" / FEATURES)
         if labels is not None:
             (folder / "labels.csv").write_text("\n".join(labels) + "\n")
             cfg["data"]["labels"] = str(folder / "labels.csv")
@@ -121,15 +121,15 @@ def h5_features(dims: Callable[[int], int] = lambda i: 8, rows: Callable[[int], 
 
 def torn_partial_store(folder: Path, cohort: Path) -> None:
     """demo_05's features gone and its partial store holding an empty `wsip.json`, as a full disk left it."""
-    features = cohort.parent / "finished" / "ws" / FEATURES
-    for path in (features / "h5_files" / "demo_05.h5", features / "pt_files" / "demo_05.pt"):
+    features = FeatureSet(cohort.parent / "finished" / FEATURES)
+    for path in (features.h5("demo_05"), features.pt("demo_05")):
         path.unlink(missing_ok=True)
-    (features / ".partial" / "demo_05.zarr").mkdir(parents=True, exist_ok=True)
-    (features / ".partial" / "demo_05.zarr" / "wsip.json").write_text("")
+    features.partial("demo_05").mkdir(parents=True, exist_ok=True)
+    (features.partial("demo_05") / "wsip.json").write_text("")
 
 
 def unfinished_run(folder: Path, cohort: Path) -> None:
-    (cohort.parent / "finished" / "ws" / "runs" / "unfinished" / "fold_0").mkdir(parents=True, exist_ok=True)
+    Layout(cohort.parent / "finished" / "ws").run("unfinished").fold(0).dir.mkdir(parents=True, exist_ok=True)
 
 
 # ------------------------------------------------------------------------------------------- the table
@@ -276,15 +276,17 @@ def wsip() -> Iterator[ForkedWsip]:
 
 
 def finished_outputs(ws: Path) -> dict[str, str]:
-    """Every file's sha256, except manifests, which count row by row (timings aside): a failed row added for a
-    bad slide is new, a finished slide's row must stay as it was."""
-    state = {}
+    """Every folder, and every file's sha256 but locks and partial feature stores (resume points, not outputs);
+    manifests count row by row, timings aside: a failed row added for a bad slide is new, a finished slide's
+    row stays as it was."""
+    partials = {p for s in Layout(ws).feature_sets() for p in (s.partial_dir, *s.partial_dir.rglob("*"))}
+    state = {f"{p.relative_to(ws)}/": "folder" for p in ws.rglob("*") if p.is_dir() and p not in partials}
     for path in workspace_files(ws):
         rel = str(path.relative_to(ws))
         if path.name == MANIFEST:
             for row in read_manifest(path):
                 state[f"{rel}:{row['slide_id']}"] = str({k: v for k, v in row.items() if k not in TIMING_COLUMNS})
-        elif not path.name.endswith(".lock") and ".partial" not in path.parts:  # a resume point, not an output
+        elif path.suffix != ".lock" and path not in partials:
             state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return state
 

@@ -36,6 +36,7 @@ from wsi_pipeline.testing.launch import (
     tmpfs,
 )
 from wsi_pipeline.testing.sweep import STAGES, Sweep, stage_args
+from wsi_pipeline.workspace.layout import Layout, RunDir
 
 FULL_POINTS = int(os.environ.get("WSIP_FAULT_POINTS", "24"))
 
@@ -186,7 +187,7 @@ def test_a_second_train_of_a_run_in_progress_is_refused_in_one_line(sweep, wsip)
     (folder / "long.yaml").write_text(config.replace("epochs: 3", "epochs: 60").replace("patience: 5", "patience: 60"))
     (folder / "other.yaml").write_text(config.replace("seed: 3", "seed: 4"))  # the same run name, another config
     first = wsip.start(["train", "--cfg", "long.yaml", "--quiet"], folder)
-    lock = folder / "ws" / "runs" / ".r.lock"
+    lock = Layout(folder / "ws").run("r").lock
     deadline = time.time() + 120
     while not lock.exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -228,8 +229,8 @@ def test_a_diverging_fold_stops_in_one_line_naming_the_slide_and_selects_no_nan_
     with pytest.raises(ConfigError, match=r"fold 0, epoch 0: the training loss on slide demo_\d\d is nan") as err:
         train(params)
     assert "\n" not in str(err.value) and "lower optim.lr" in str(err.value)
-    fold = tmp_path / "t" / "ws" / "runs" / "r" / "fold_0"
-    assert not (fold / "best.pt").exists() and not (fold / "metrics.json").exists()
+    fold = Layout(tmp_path / "t" / "ws").run("r").fold(0)
+    assert not fold.best.exists() and not fold.metrics.exists()
 
 
 def test_undefined_metrics_are_json_null_on_disk_nan_in_memory_and_a_finished_run_writes_nothing(sweep, tmp_path):
@@ -240,7 +241,7 @@ def test_undefined_metrics_are_json_null_on_disk_nan_in_memory_and_a_finished_ru
     params = train_in(tmp_path / "t", sweep, splits={"file": str(tmp_path / "splits.csv")})
     first = train(params)
     run = first.run_dir
-    stored = json.loads((run / "fold_0" / "metrics.json").read_text(),
+    stored = json.loads(RunDir(run).fold(0).metrics.read_text(),
                         parse_constant=lambda name: pytest.fail(f"metrics.json holds a bare {name}"))
     assert stored["test"]["auc"] is None and math.isnan(first.folds[0].metrics["test"]["auc"])
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}

@@ -21,10 +21,11 @@ import numpy as np
 import yaml
 
 from wsi_pipeline.workspace.files import TMP_MARK
-from wsi_pipeline.workspace.layout import MANIFEST, Layout
+from wsi_pipeline.workspace.layout import MANIFEST, FoldDir, Layout
 from wsi_pipeline.workspace.manifest import DONE, read_manifest
 
 TIMING_COLUMNS = {"seconds", "segment_s", "grid_s", "write_s", "patches_per_s"}
+MANIFEST_LOCK = Path(MANIFEST).with_suffix(".lock").name  # update_manifest's flock sidecar
 
 
 def workspace_files(root: Path) -> list[Path]:
@@ -37,28 +38,35 @@ def workspace_problems(root: Path, *, stopped: bool = False) -> list[str]:
     `stopped`: the workspace of a run that stopped on an error, where an unfinished slide's partial feature
     store is its resume point rather than a leftover.
     """
+    layouts = (Layout(root), Layout(root).prediction_slides())
+    locks = {lock for layout in layouts for lock in _locks(layout)}
+    partials = {p for layout in layouts for s in layout.feature_sets() for p in s.partial_dir.rglob("*")}
     problems = []
     for path in workspace_files(root):
         rel = path.relative_to(root)
         if TMP_MARK in path.name:
             problems.append(f"{rel}: temp file left behind")
-        elif path.suffix == ".lock" and (path.parent.name == ".locks" or path.parent.name == "runs"):
+        elif path in locks:
             problems.append(f"{rel}: lock left behind")
-        elif ".partial" in rel.parts:
+        elif path in partials:
             if not stopped:
                 problems.append(f"{rel}: partial feature store left behind")
-        elif path.suffix == ".lock" and path.stem == MANIFEST.split(".")[0]:
+        elif path.name == MANIFEST_LOCK:
             continue  # the manifest's flock sidecar: empty by design
+        elif (reader := _READERS.get(path.suffix)) is None:
+            problems.append(f"{rel}: unexpected file")
         else:
-            reader = _READERS.get(path.suffix)
-            if reader is None:
-                problems.append(f"{rel}: unexpected file")
-                continue
             try:
                 reader(path)
             except Exception as exc:  # any failure to parse is the finding
                 problems.append(f"{rel}: does not parse ({type(exc).__name__}: {str(exc).splitlines()[0]})")
-    return problems + _manifest_problems(Layout(root))
+    return problems + [p for layout in layouts for p in _manifest_problems(layout, root)]
+
+
+def _locks(layout: Layout) -> list[Path]:
+    """Every lock file a stage or run of `layout` may leave (slide locks, run locks)."""
+    outputs = [*layout.patch_sets(), *layout.feature_sets()]
+    return [*(lock for o in outputs for lock in o.locks.glob("*.lock")), *(run.lock for run in layout.runs())]
 
 
 def differences(reference: Path, root: Path, *, home: Path | None = None) -> list[str]:
@@ -141,23 +149,23 @@ _READERS: dict[str, Callable[[Path], Any]] = {
 # ---------------------------------------------------------------------------------------- manifests
 
 
-def _manifest_problems(layout: Layout) -> list[str]:
+def _manifest_problems(layout: Layout, root: Path) -> list[str]:
     problems = []
     for patch_set in layout.patch_sets():
         outputs = {p.stem: p for p in (patch_set.dir / "coords").glob("*.h5")}
-        problems += _agree(patch_set.manifest, outputs, lambda p: len(_read_h5(p)["coords"][0]), layout.root)
+        problems += _agree(patch_set.manifest, outputs, lambda p: len(_read_h5(p)["coords"][0]), root)
     for feature_set in layout.feature_sets():
         for folder, count in ((feature_set.h5_dir, lambda p: len(_read_h5(p)["features"][0])),
                               (feature_set.pt_dir, lambda p: len(_read_pt(p)))):
             if folder.is_dir():
                 outputs = {p.stem: p for p in folder.iterdir() if p.suffix in (".h5", ".pt")}
-                problems += _agree(feature_set.manifest, outputs, count, layout.root)
+                problems += _agree(feature_set.manifest, outputs, count, root)
     for run in layout.runs():
-        finished = [f for f in run.dir.glob("fold_*") if (f / "metrics.json").is_file()]
-        problems += [f"{f.relative_to(layout.root)}: metrics.json without best.pt or preds.csv" for f in finished
-                     if not ((f / "best.pt").is_file() and (f / "preds.csv").is_file())]
+        finished = [f for f in map(FoldDir, run.dir.glob("fold_*")) if f.metrics.is_file()]
+        problems += [f"{f.dir.relative_to(root)}: metrics.json without best.pt or preds.csv" for f in finished
+                     if not (f.best.is_file() and f.preds.is_file())]
         if run.summary.is_file() and len(_read_csv(run.summary)) != len(finished) + 3:  # header, mean, std
-            problems.append(f"{run.summary.relative_to(layout.root)}: rows disagree with the finished folds")
+            problems.append(f"{run.summary.relative_to(root)}: rows disagree with the finished folds")
     return problems
 
 

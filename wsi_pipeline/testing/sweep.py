@@ -23,12 +23,15 @@ from pathlib import Path
 import yaml
 
 from wsi_pipeline.faults import EVENTS, FAULT_AT_ENV, FAULT_LOG_ENV
+from wsi_pipeline.stages.patch.params import PatchParams
 from wsi_pipeline.testing.checks import differences, workspace_problems
 from wsi_pipeline.testing.launch import run_wsip
 from wsi_pipeline.testing.synthetic import make_demo_cohort
+from wsi_pipeline.workspace.layout import Layout
 
 STAGES = ("patch", "extract", "train", "predict")
-FEATURES = "features/20x_256px_0px/resnet18_random"  # what the sweep's extract makes
+# The feature set the sweep's extract makes, relative to a trial folder
+FEATURES = Layout(Path("ws")).feature_set(PatchParams().config_name(), "resnet18_random").dir
 Launcher = Callable[..., subprocess.CompletedProcess]  # run_wsip or a ForkedWsip
 
 
@@ -36,7 +39,7 @@ def make_cohort(cohort: Path, trial: Path) -> None:
     """10 labelled slides (tiny: a few patches each) in `cohort/slides` and `cohort/holdout.svs`; an empty
     workspace `trial/ws` and `trial/cfg.yaml`, a 2-fold × 3-epoch ABMIL run on its features."""
     labels = make_demo_cohort(cohort / "slides", n_slides=10, size=(640, 896), hotspots=1, hotspot_radius=60, seed=11)
-    config = {"name": "r", "data": {"features": f"ws/{FEATURES}", "labels": str(labels)},
+    config = {"name": "r", "data": {"features": str(FEATURES), "labels": str(labels)},
               "splits": {"folds": 2, "val_fraction": 0.5}, "model": {"name": "abmil"},
               "optim": {"epochs": 3, "select_after": 0, "min_epochs": 0, "patience": 5}, "seed": 3,
               "device": "cpu", "out": "ws"}

@@ -88,8 +88,13 @@ class FeatureSet(_StageOutputs):
     def pt(self, slide_id: str) -> Path:
         return self.dir / PT_FOLDER / f"{slide_id}.pt"
 
+    @property
+    def partial_dir(self) -> Path:
+        """Unfinished slides' feature stores (`partial`), each removed once its slide is done."""
+        return self.dir / ".partial"
+
     def partial(self, slide_id: str) -> Path:
-        return self.dir / ".partial" / f"{slide_id}.zarr"
+        return self.partial_dir / f"{slide_id}.zarr"
 
     def output_dirs(self) -> tuple[Path, ...]:
         return self.h5_dir, self.pt_dir, self.dir

@@ -253,3 +253,11 @@ def test_forward_normalises_uint8_and_checks_size() -> None:
 def test_import_does_not_load_timm() -> None:
     code = "import sys, wsi_pipeline.models.encoders; assert 'timm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_timm_dim_is_the_width_the_model_outputs() -> None:
+    """MobileNetV3's `num_features` (288) is not its output width (1024, after its head conv)."""
+    encoder = create_encoder("timm:mobilenetv3_small_050", "random")
+    features = encoder(torch.zeros(2, 3, encoder.preprocess.input_size, encoder.preprocess.input_size,
+                                   dtype=torch.uint8))
+    assert features.shape == (2, encoder.dim) == (2, 1024)

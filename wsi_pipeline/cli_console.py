@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True)
@@ -20,8 +21,9 @@ out_console = Console()
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """One line, no traceback: the file and what to do are in `message`."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One line, no traceback: the file and what to do are in `message` (printed as is: a `[...]` in it is
+    text, not console markup)."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -41,7 +43,7 @@ def slide_progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[An
     """An overall slides bar; yields the per-slide callback the stages call when a slide finishes."""
     if quiet:
         def log(outcome: Any) -> None:
-            console.print(f"{outcome.slide_id}: {outcome.status} {outcome.error}".rstrip(), highlight=False)
+            console.print(escape(f"{outcome.slide_id}: {outcome.status} {outcome.error}".rstrip()), highlight=False)
         yield log
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -52,7 +54,7 @@ def slide_progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[An
         if not progress.live.is_started:
             progress.start()
         if outcome.error:
-            progress.console.print(f"[red]{outcome.slide_id}[/]: {outcome.error}", highlight=False)
+            progress.console.print(f"[red]{escape(outcome.slide_id)}[/]: {escape(outcome.error)}", highlight=False)
         progress.advance(task)
 
     try:
@@ -90,7 +92,8 @@ def patch_progress(quiet: bool) -> Iterator[tuple[Callable[[Any], None], Callabl
 
         def on_done(outcome: Any) -> None:
             if outcome.error:
-                progress.console.print(f"[red]{outcome.slide_id}[/]: {outcome.error}", highlight=False)
+                progress.console.print(f"[red]{escape(outcome.slide_id)}[/]: {escape(outcome.error)}",
+                                       highlight=False)
             progress.advance(slides())
         yield on_done, on_patches
 

@@ -26,6 +26,13 @@ class UnknownNameError(UserError, ValueError):
     """A name that is not registered (encoder, model, model option, grouping, ...)."""
 
 
+class StorageError(UserError):
+    """The workspace cannot take a write: a read-only or unwritable folder, a full disk, an exceeded quota.
+
+    Never a per-slide failure: every later slide would fail the same way, so the stage stops (docs/reliability.md).
+    """
+
+
 def one_line(exc: BaseException) -> str:
     """The first line of an exception's message (or its type when it has none): what a manifest row and the
     CLI show."""

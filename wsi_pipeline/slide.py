@@ -25,6 +25,9 @@ from wsi_pipeline.units import MPP, Level0Px, LevelPx, mpp_for_magnification
 WSI_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi", ".dcm",
 )
+# Formats only OpenSlide reads: when it cannot, the file is broken (a truncated .svs still opens as a plain TIFF
+# of its first page, which has no MPP: "pass --mpp" would be the wrong advice).
+_VENDOR_FORMATS = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 # Plausible scan resolutions; anything outside is a placeholder (e.g. 72 dpi TIFF defaults = 352 µm/px).
 _MPP_RANGE = (0.05, 50.0)
 
@@ -168,6 +171,9 @@ def _open_backend(path: Path) -> tuple[Any, str]:
             return _TiatoolboxBackend(path), "tiatoolbox"
         except Exception as exc:  # any reader failure means "cannot open"
             errors.append(f"tiatoolbox: {exc}")
+    if path.suffix.lower() in _VENDOR_FORMATS:  # OpenSlide's own format: a plain-image read of it is wrong
+        raise SlideError(f"{path}: cannot open as a slide ({'; '.join(errors)}); is the file complete (not "
+                         "truncated) and a WSI?")
     try:
         return openslide.ImageSlide(str(path)), "image"
     except Exception as exc:  # PIL raises many types for non-images

@@ -30,9 +30,15 @@ from wsi_pipeline.models.encoders import Encoder, create_encoder, get_spec
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.stages import runner
 from wsi_pipeline.stages.runner import SlideOutcome
-from wsi_pipeline.workspace.coords_store import read_coords
+from wsi_pipeline.workspace.coords_store import coords_attrs, read_coords
 from wsi_pipeline.workspace.feature_store import PartialFeatures, features_are_current, write_features
-from wsi_pipeline.workspace.files import code_digest, params_hash, remove_stale_temps, write_json_if_changed
+from wsi_pipeline.workspace.files import (
+    code_digest,
+    params_hash,
+    remove_stale_temps,
+    storage_errors,
+    write_json_if_changed,
+)
 from wsi_pipeline.workspace.layout import FeatureSet, Layout, PatchSet
 from wsi_pipeline.workspace.manifest import DONE, read_manifest
 from wsi_pipeline.workspace.shards import parse_shard, take_shard
@@ -40,6 +46,9 @@ from wsi_pipeline.workspace.shards import parse_shard, take_shard
 MANIFEST_COLUMNS = ("slide_id", "slide_path", "status", "n_patches", "dim", "seconds", "patches_per_s", "error")
 _CODE = code_digest(__file__)  # the encoders' own code is covered by the weights' sha256 and the spec
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# How a run goes, not what it makes: left out of the feature set's params.json (which records the precision
+# resolved), so rerunning a cached set with other ones writes nothing (docs/reliability.md).
+_RUN_KNOBS = ("batch_size", "workers", "device")
 
 
 @dataclass(frozen=True)
@@ -132,10 +141,10 @@ def extract_slide(job: SlideJob, *, encoder: Encoder, params: ExtractParams, fea
     coords, cattrs = read_coords(job.coords_path)
     pre = encoder.preprocess
     key = _cache_key(encoder, params, cattrs)
-    h5_path = feature_set.h5(job.slide_id) if "h5" in params.formats else None
-    pt_path = feature_set.pt(job.slide_id) if "pt" in params.formats else None
+    h5_path, pt_path = _output_paths(job.slide_id, params, feature_set)
     if not force and features_are_current(h5_path, pt_path, key):
-        return SlideOutcome(job.slide_id, runner.CACHED)
+        shutil.rmtree(feature_set.partial(job.slide_id), ignore_errors=True)  # a run killed before removing it
+        return SlideOutcome(job.slide_id, runner.CACHED, {"n_patches": len(coords), "dim": encoder.dim})
     if len(coords) == 0:
         raise UserError(f"{job.coords_path}: no patches; nothing to encode")
     partial_path = feature_set.partial(job.slide_id)
@@ -156,6 +165,19 @@ def extract_slide(job: SlideJob, *, encoder: Encoder, params: ExtractParams, fea
     store.remove()
     row = {"n_patches": len(coords), "dim": encoder.dim, "patches_per_s": f"{n_new / max(seconds, 1e-9):.1f}"}
     return SlideOutcome(job.slide_id, runner.DONE, row)
+
+
+def is_current(job: SlideJob, *, encoder: Encoder, params: ExtractParams, feature_set: FeatureSet) -> bool:
+    """Whether the slide's finished features match its current coords and this encoder (attrs only: cheap)."""
+    cattrs = coords_attrs(job.coords_path)
+    return cattrs is not None and features_are_current(*_output_paths(job.slide_id, params, feature_set),
+                                                       _cache_key(encoder, params, cattrs))
+
+
+def _output_paths(slide_id: str, params: ExtractParams, feature_set: FeatureSet) -> tuple[Path | None, Path | None]:
+    """(h5, pt) of a slide, None for a format not asked for."""
+    return (feature_set.h5(slide_id) if "h5" in params.formats else None,
+            feature_set.pt(slide_id) if "pt" in params.formats else None)
 
 
 def _encode_chunks(dataset: PatchDataset, store: PartialFeatures, chunks: Sequence[int], encoder: Encoder,
@@ -217,8 +239,9 @@ def extract(params: ExtractParams = ExtractParams(), *, out: str | Path | Layout
     """Encode every patched slide into `<out>/features/<patch config>/<feature set>/`.
 
     Callable from Python exactly as `wsip extract`; `slide_ids` restricts the run (used by `wsip predict`).
-    The feature set's `params.json` records the extract params, the weights' sha256 and the patch params,
-    so the set describes itself wherever the workspace is moved.
+    The feature set's `params.json` records the extract params that make the features (precision resolved),
+    the weights' sha256 and the patch params, so the set describes itself wherever the workspace is moved.
+    A feature set whose slides are all current writes nothing (works on a read-only workspace).
     """
     params.validate()
     get_spec(params.encoder)  # an unknown encoder name is reported before anything else
@@ -233,13 +256,18 @@ def extract(params: ExtractParams = ExtractParams(), *, out: str | Path | Layout
     if slide_ids is not None:
         jobs = [j for j in jobs if j.slide_id in set(slide_ids)]
     jobs = take_shard(jobs, parse_shard(shard), key=lambda j: j.slide_id)
-    feature_set.dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(*feature_set.output_dirs())
-    write_json_if_changed(feature_set.params, {
-        **asdict(params), "weights_sha256": encoder.weights_sha256, "dim": encoder.dim,
-        "patch_config": patch_set.name, "patch_params": json.loads(patch_set.params.read_text())})
-    job = partial(extract_slide, encoder=encoder, params=params, feature_set=feature_set, force=force,
-                  on_patches=on_patches)
-    outcomes = runner.run_cohort(job, jobs, slide_id=lambda j: j.slide_id, lock_dir=feature_set.locks,
-                                 manifest=feature_set.manifest, columns=MANIFEST_COLUMNS, on_done=on_done)
+    with storage_errors(layout.root):
+        feature_set.dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(*feature_set.output_dirs())
+        write_json_if_changed(feature_set.params, {
+            **{k: v for k, v in asdict(params).items() if k not in _RUN_KNOBS},
+            "precision": precision_name(params.precision, device), "weights_sha256": encoder.weights_sha256,
+            "dim": encoder.dim, "patch_config": patch_set.name,
+            "patch_params": json.loads(patch_set.params.read_text())})
+        job = partial(extract_slide, encoder=encoder, params=params, feature_set=feature_set, force=force,
+                      on_patches=on_patches)
+        current = partial(is_current, encoder=encoder, params=params, feature_set=feature_set)
+        outcomes = runner.run_cohort(job, jobs, slide_id=lambda j: j.slide_id, lock_dir=feature_set.locks,
+                                     manifest=feature_set.manifest, columns=MANIFEST_COLUMNS,
+                                     is_current=lambda j: not force and current(j), on_done=on_done)
     return ExtractResult(feature_set, outcomes)

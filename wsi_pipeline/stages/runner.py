@@ -2,7 +2,10 @@
 
 Both stages behave the same way through it: a bad slide never stops a cohort (it becomes a `failed` row
 with a one-line reason), a slide held by another worker is left to it, and every outcome lands in the
-stage's manifest.csv.
+stage's manifest.csv. A slide whose outputs are current and recorded `done` is skipped before its lock is
+taken, so a fully cached run writes nothing (a read-only workspace works); the job checks again under the
+lock, for a worker that finished it meanwhile. A storage that refuses writes (full, read-only) stops the
+cohort with one line instead: every later slide would fail the same way (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsi_pipeline import faults
 from wsi_pipeline.errors import UserError, one_line
+from wsi_pipeline.workspace.files import storage_error
 from wsi_pipeline.workspace.locks import OwnerLock
-from wsi_pipeline.workspace.manifest import DONE, FAILED, FAILURES, NO_TISSUE, update_manifest
+from wsi_pipeline.workspace.manifest import DONE, FAILED, FAILURES, NO_TISSUE, manifest_rows, update_manifest
 
 # Outcomes a job reports: the manifest statuses, plus two that write no row.
 CACHED, BUSY = "cached", "busy"
@@ -28,7 +33,7 @@ __all__ = ["BUSY", "CACHED", "DONE", "FAILED", "FAILURES", "NO_TISSUE", "SlideOu
 class SlideOutcome:
     slide_id: str
     status: str
-    row: dict[str, Any] = field(default_factory=dict)  # the manifest row
+    row: dict[str, Any] = field(default_factory=dict)  # the manifest row (a CACHED one: read from the outputs)
     error: str = ""
 
 
@@ -37,21 +42,30 @@ Job = Callable[[Any], SlideOutcome]
 
 def _guarded(job: Job, item: Any, slide_id: str, lock_dir: Path, manifest: Path,
              columns: Sequence[str]) -> SlideOutcome:
-    """Lock, run, record. Any exception becomes a `failed` row with a one-line reason."""
+    """Lock, run, record. Any exception becomes a `failed` row with a one-line reason, except a refused
+    write, which stops the cohort.
+
+    A CACHED outcome is recorded `done` when the manifest says otherwise (a run killed between writing a
+    slide's outputs and its row), so the manifest always agrees with the files.
+    """
     lock = OwnerLock(lock_dir / f"{slide_id}.lock")
     if not lock.acquire():
         return SlideOutcome(slide_id, BUSY)
-    start = time.perf_counter()
     try:
-        outcome = job(item)
-    except (UserError, OSError, ValueError, KeyError) as exc:
-        outcome = SlideOutcome(slide_id, FAILED, error=one_line(exc))
-    except Exception as exc:  # an unexpected bug must not stop the cohort, but must be visible
-        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        outcome = SlideOutcome(slide_id, FAILED, error=f"unexpected error: {detail}")
-    try:
-        if outcome.status != CACHED:
-            row = {"slide_id": slide_id, "slide_path": str(getattr(item, "path", "")), "status": outcome.status,
+        faults.point("slide")
+        start = time.perf_counter()
+        try:
+            outcome = job(item)
+        except (UserError, OSError, ValueError, KeyError) as exc:
+            if storage_error(exc, lock_dir.parent) is not None:
+                raise
+            outcome = SlideOutcome(slide_id, FAILED, error=one_line(exc))
+        except Exception as exc:  # an unexpected bug must not stop the cohort, but must be visible
+            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            outcome = SlideOutcome(slide_id, FAILED, error=f"unexpected error: {detail}")
+        if outcome.status != CACHED or manifest_rows(manifest).get(slide_id, {}).get("status") != DONE:
+            status = DONE if outcome.status == CACHED else outcome.status
+            row = {"slide_id": slide_id, "slide_path": str(getattr(item, "path", "")), "status": status,
                    "error": outcome.error, "seconds": f"{time.perf_counter() - start:.3f}", **outcome.row}
             update_manifest(manifest, row, columns)
             outcome.row = row
@@ -68,10 +82,15 @@ def run_cohort(
     lock_dir: Path,
     manifest: Path,
     columns: Sequence[str],
+    is_current: Callable[[Any], bool],
     workers: int = 1,
     on_done: Callable[[SlideOutcome], None] | None = None,
 ) -> list[SlideOutcome]:
-    """Run `job` on every item, in `workers` processes when > 1 (the job must then be picklable)."""
+    """Run `job` on every item, in `workers` processes when > 1 (the job must then be picklable).
+
+    `is_current(item)`: whether the item's finished outputs match this run (never True under `--force`);
+    with a `done` row as well, the item is CACHED without taking its lock or writing anything.
+    """
     outcomes: list[SlideOutcome] = []
 
     def record(outcome: SlideOutcome) -> None:
@@ -79,13 +98,20 @@ def run_cohort(
         if on_done:
             on_done(outcome)
 
-    if workers <= 1 or len(items) <= 1:
-        for item in items:
+    done = {sid for sid, row in manifest_rows(manifest).items() if row.get("status") == DONE}
+    todo = []
+    for item in items:
+        if slide_id(item) in done and is_current(item):
+            record(SlideOutcome(slide_id(item), CACHED))
+        else:
+            todo.append(item)
+    if workers <= 1 or len(todo) <= 1:
+        for item in todo:
             record(_guarded(job, item, slide_id(item), lock_dir, manifest, columns))
         return outcomes
     with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(_guarded, job, item, slide_id(item), lock_dir, manifest, columns)
-                   for item in items]
+                   for item in todo]
         for future in as_completed(futures):
             record(future.result())
     return outcomes

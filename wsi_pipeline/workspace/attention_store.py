@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from wsi_pipeline.errors import UserError, one_line
-from wsi_pipeline.workspace.files import atomic_write
+from wsi_pipeline.workspace.files import h5_bytes, write_bytes_if_changed
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,15 @@ class Attention:
 
 def write_attention(path: Path, coords: np.ndarray, attention: np.ndarray, rank: np.ndarray,
                     attrs: dict[str, Any]) -> None:
-    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("coords", data=np.asarray(coords, np.int64))
-        f.create_dataset("attention", data=np.asarray(attention, np.float32))
-        f.create_dataset("attention_rank", data=np.asarray(rank, np.float32))
+    """Written only when its content changed (predicting a slide again writes nothing)."""
+
+    def fill(f: h5py.File) -> None:
+        f.create_dataset("coords", data=np.asarray(coords, np.int64), track_times=False)
+        f.create_dataset("attention", data=np.asarray(attention, np.float32), track_times=False)
+        f.create_dataset("attention_rank", data=np.asarray(rank, np.float32), track_times=False)
         f.attrs.update(attrs)
+
+    write_bytes_if_changed(path, h5_bytes(fill))
 
 
 def read_attention(path: Path) -> Attention:

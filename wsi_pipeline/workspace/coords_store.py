@@ -13,14 +13,16 @@ import h5py
 import numpy as np
 
 from wsi_pipeline.errors import UserError, one_line
-from wsi_pipeline.workspace.files import atomic_write
+from wsi_pipeline.workspace.files import write_h5_atomic
 
 
 def write_coords(path: Path, coords: np.ndarray, attrs: dict[str, Any]) -> None:
-    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+    def fill(f: h5py.File) -> None:
         dset = f.create_dataset("coords", data=coords.astype(np.int64))
         for k, v in attrs.items():
             dset.attrs[k] = v
+
+    write_h5_atomic(path, fill)
 
 
 def read_coords(path: Path) -> tuple[np.ndarray, dict[str, Any]]:

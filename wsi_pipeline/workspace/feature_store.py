@@ -17,7 +17,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from wsi_pipeline.workspace.files import atomic_write, write_text_atomic
+from wsi_pipeline import faults
+from wsi_pipeline.workspace.files import save_torch_atomic, write_h5_atomic, write_text_atomic
 
 
 class PartialFeatures:
@@ -52,6 +53,7 @@ class PartialFeatures:
         if features.shape != (len(rows), self.dim):
             raise ValueError(f"chunk {chunk}: expected {(len(rows), self.dim)}, got {features.shape}")
         self._array[rows.start:rows.stop] = features
+        faults.point("chunk")
         (self._markers / str(chunk)).touch()
 
     def read_all(self) -> np.ndarray:
@@ -77,17 +79,22 @@ def write_features(h5_path: Path | None, pt_path: Path | None, features: np.ndar
     if pt_path is not None:
         import torch
 
-        with atomic_write(pt_path) as tmp:
-            torch.save(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)), tmp)
+        save_torch_atomic(pt_path, torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
         if h5_path is None:
-            with atomic_write(pt_path.with_suffix(".key")) as tmp:
-                tmp.write_text(str(attrs["cache_key"]))
+            write_text_atomic(pt_path.with_suffix(".key"), str(attrs["cache_key"]))
     if h5_path is not None:
-        with atomic_write(h5_path) as tmp, h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=features.astype(np.float32))
-            f.create_dataset("coords", data=coords.astype(np.int64))
+        def fill(f: h5py.File) -> None:
+            f.create_dataset("features", data=features.astype(np.float32, copy=False))
+            f.create_dataset("coords", data=coords.astype(np.int64, copy=False))
             for k, v in attrs.items():
                 f.attrs[k] = v
+
+        try:
+            write_h5_atomic(h5_path, fill)
+        except Exception:  # e.g. a full disk: no pt of an unfinished slide stays either
+            if pt_path is not None:
+                pt_path.unlink(missing_ok=True)
+            raise
 
 
 def features_are_current(h5_path: Path | None, pt_path: Path | None, key: str) -> bool:

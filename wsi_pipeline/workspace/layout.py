@@ -91,17 +91,26 @@ class FeatureSet(_StageOutputs):
     def h5_dir(self) -> Path:
         return self.dir / H5_FOLDER
 
+    @property
+    def pt_dir(self) -> Path:
+        return self.dir / PT_FOLDER
+
     def h5(self, slide_id: str) -> Path:
         return self.dir / H5_FOLDER / f"{slide_id}.h5"
 
     def pt(self, slide_id: str) -> Path:
         return self.dir / PT_FOLDER / f"{slide_id}.pt"
 
+    @property
+    def partial_dir(self) -> Path:
+        """Unfinished slides' feature stores (`partial`), each removed once its slide is done."""
+        return self.dir / ".partial"
+
     def partial(self, slide_id: str) -> Path:
-        return self.dir / ".partial" / f"{slide_id}.zarr"
+        return self.partial_dir / f"{slide_id}.zarr"
 
     def output_dirs(self) -> tuple[Path, ...]:
-        return self.dir / H5_FOLDER, self.dir / PT_FOLDER, self.dir
+        return self.h5_dir, self.pt_dir, self.dir
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,10 @@ class RunDir:
 
     def groups(self, key: str) -> Path:
         return self.dir / "groups" / key
+
+    def output_dirs(self) -> tuple[Path, ...]:
+        """Every folder the run writes files into (where a killed writer's temp files can be left)."""
+        return self.dir, *sorted(self.dir.glob("fold_*")), *sorted(self.dir.glob("groups/*"))
 
     def fold(self, k: int) -> FoldDir:
         return FoldDir(self.dir / f"fold_{k}")

@@ -63,9 +63,13 @@ class OwnerLock:
                 if not self._break_if_stale():
                     return False
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "token": self.token,
-                           "time": time.time()}, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"pid": os.getpid(), "host": socket.gethostname(), "token": self.token,
+                               "time": time.time()}, f)
+            except OSError:  # a full disk: an empty lock would look "being written" to everyone for hours
+                self.path.unlink(missing_ok=True)
+                raise
             self._start_heartbeat()
             return True
         return False

@@ -65,7 +65,13 @@ def create_encoder(
     if path is None:
         sha256 = f"random:{seed}"
     else:
-        load_weights(module, read_state_dict(path), classifier_prefix=spec.classifier_prefix)
+        try:
+            load_weights(module, read_state_dict(path), classifier_prefix=spec.classifier_prefix)
+        except WeightsFormatError as exc:
+            if str(path) in str(exc):
+                raise
+            raise WeightsFormatError(f"--weights {path}: {exc}; pass weights of encoder {spec.name} (or the "
+                                     "--encoder they were made for)") from None
         sha256 = file_sha256(path)
     device = torch.device(device)
     module = module.to(device).eval().requires_grad_(False)

@@ -81,13 +81,20 @@ def _timm_spec(name: str) -> EncoderSpec:
         name=name,
         builder=build,
         weights_source=source,
-        dim=probe.num_features,
+        dim=_output_dim(probe, height),
         features="timm-default",
         classifier_prefix=cfg.get("classifier") or "head",
         input_size=height,
         mean=tuple(data_cfg["mean"]),
         std=tuple(data_cfg["std"]),
     )
+
+
+def _output_dim(probe: nn.Module, size: int) -> int:
+    """The feature width the model really outputs: a shape-only forward on the meta device. `num_features`
+    is not it for every timm model (MobileNetV3's head conv widens 288 → 1024 after it)."""
+    with torch.device("meta"), torch.no_grad():
+        return int(probe.eval()(torch.empty(1, 3, size, size)).shape[-1])
 
 
 def get_spec(name: str) -> EncoderSpec:

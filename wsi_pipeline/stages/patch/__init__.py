@@ -26,12 +26,13 @@ from wsi_pipeline.stages.patch.segment import SegmentParams, segment_tissue
 from wsi_pipeline.stages.runner import SlideOutcome
 from wsi_pipeline.units import magnification_for_mpp
 from wsi_pipeline.workspace import coords_store, geojson
-from wsi_pipeline.workspace.coords_store import coords_are_current, write_coords
+from wsi_pipeline.workspace.coords_store import coords_are_current, read_coords, write_coords
 from wsi_pipeline.workspace.files import (
     code_digest,
     file_fingerprint,
     params_hash,
     remove_stale_temps,
+    storage_errors,
     write_json_if_changed,
 )
 from wsi_pipeline.workspace.layout import Layout, PatchSet
@@ -95,7 +96,8 @@ def patch_slide(source: SlideSource, *, params: PatchParams, patch_set: PatchSet
     coords_path = patch_set.coords(source.slide_id)
     key, fingerprint = slide_key(params, source), file_fingerprint(source.path)
     if not force and coords_are_current(coords_path, key, fingerprint) and patch_set.mask(source.slide_id).is_file():
-        return SlideOutcome(source.slide_id, runner.CACHED)
+        coords, attrs = read_coords(coords_path)
+        return SlideOutcome(source.slide_id, runner.CACHED, _manifest_row(attrs, len(coords)))
     coords_path.unlink(missing_ok=True)
     patch_set.mask(source.slide_id).unlink(missing_ok=True)
     timings: dict[str, float] = {}
@@ -113,16 +115,34 @@ def patch_slide(source: SlideSource, *, params: PatchParams, patch_set: PatchSet
         qc.write_qc(patch_set.qc(source.slide_id), slide, tissue, coords, plan.patch_size_level0, sharper)
         geojson.write_geojson(patch_set.mask(source.slide_id),
                               geojson.tissue_features(tissue.contours, tissue.holes, tissue.hole_parents))
-        row = {"n_patches": len(coords), "mpp": f"{plan.slide_mpp:.4f}", "mpp_source": plan.mpp_source,
-               "read_level": plan.read_level, "read_size": plan.read_size, "tissue": tissue.mode}
+        attrs = _h5_attrs(slide, plan, params, tissue.mode, key, fingerprint)
+        row = _manifest_row(attrs, len(coords))
         if len(coords) == 0:
             return SlideOutcome(source.slide_id, runner.NO_TISSUE, row,
                                 f"no tissue found ({tissue.tissue_area_um2 / 1e6:.3f} mm² detected); check the "
                                 "QC image, or lower --min-tissue / pass a mask")
-        write_coords(coords_path, coords, _h5_attrs(slide, plan, params, tissue.mode, key, fingerprint))
+        write_coords(coords_path, coords, attrs)
         timings["write_s"] = time.perf_counter() - t
     row.update({k: f"{v:.3f}" for k, v in timings.items()})
     return SlideOutcome(source.slide_id, runner.DONE, row)
+
+
+def _manifest_row(attrs: dict[str, Any], n_patches: int) -> dict[str, Any]:
+    """A slide's manifest columns, from its coords attrs (so a cached slide's row can be rebuilt)."""
+    return {"n_patches": n_patches, "mpp": f"{float(attrs['slide_mpp']):.4f}", "mpp_source": attrs["mpp_source"],
+            "read_level": int(attrs["read_level"]), "read_size": int(attrs["read_size"]),
+            "tissue": attrs["tissue_mode"]}
+
+
+def is_current(source: SlideSource, *, params: PatchParams, patch_set: PatchSet) -> bool:
+    """Whether the slide's finished coords match these params and the slide file as it is now, and its tissue
+    outline is there."""
+    try:
+        fingerprint = file_fingerprint(source.path)
+    except OSError:  # a missing slide: its job records the failure
+        return False
+    return (coords_are_current(patch_set.coords(source.slide_id), slide_key(params, source), fingerprint)
+            and patch_set.mask(source.slide_id).is_file())
 
 
 def _user_mask(folder: Path | None, slide_id: str) -> Path | None:
@@ -144,17 +164,23 @@ def patch(
     force: bool = False,
     on_done: Callable[[SlideOutcome], None] | None = None,
 ) -> PatchResult:
-    """Patch a cohort into `<out>/patches/<config>/`; callable from Python exactly as `wsip patch`."""
+    """Patch a cohort into `<out>/patches/<config>/`; callable from Python exactly as `wsip patch`.
+
+    A cohort whose coords are all current writes nothing (works on a read-only workspace).
+    """
     params.validate()
     layout = out if isinstance(out, Layout) else Layout.at(out)
     patch_set = layout.patch_set(params.config_name())
     items = take_shard(slides, parse_shard(shard), key=lambda s: s.slide_id)
-    patch_set.dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(*patch_set.output_dirs())
-    write_json_if_changed(patch_set.params, {**params.to_dict(), "config": patch_set.name})
-    outcomes = runner.run_cohort(
-        partial(patch_slide, params=params, patch_set=patch_set, force=force), items,
-        slide_id=lambda s: s.slide_id, lock_dir=patch_set.locks, manifest=patch_set.manifest,
-        columns=MANIFEST_COLUMNS, workers=workers, on_done=on_done,
-    )
+    with storage_errors(layout.root):
+        patch_set.dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(*patch_set.output_dirs())
+        write_json_if_changed(patch_set.params, {**params.to_dict(), "config": patch_set.name})
+        outcomes = runner.run_cohort(
+            partial(patch_slide, params=params, patch_set=patch_set, force=force), items,
+            slide_id=lambda s: s.slide_id, lock_dir=patch_set.locks, manifest=patch_set.manifest,
+            columns=MANIFEST_COLUMNS, is_current=lambda s: not force and is_current(s, params=params,
+                                                                                   patch_set=patch_set),
+            workers=workers, on_done=on_done,
+        )
     return PatchResult(patch_set, outcomes)

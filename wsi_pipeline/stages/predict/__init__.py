@@ -6,7 +6,8 @@ in the workspace's own `predictions/_slides/` (so a slide named like a training 
 cohort's files), then through every fold's selected model. Fold probabilities are averaged; per-instance
 attention (masked instances: zero) becomes a heatmap. Outputs: `predictions/<run name>/<slide_id>.json`,
 `<slide_id>_heatmap.png` and `<slide_id>_attention.h5` (per-patch attention, for `wsip view` and the QuPath
-export).
+export), rewritten only when they change: predicting a slide again writes nothing (a read-only workspace works
+once its predictions are there).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from wsi_pipeline.stages.runner import DONE, FAILED, FAILURES
 from wsi_pipeline.stages.train.splits import parse_splits_csv
 from wsi_pipeline.workspace.attention_store import write_attention
 from wsi_pipeline.workspace.feature_store import feature_attrs, read_bag
-from wsi_pipeline.workspace.files import write_json_atomic
+from wsi_pipeline.workspace.files import remove_stale_temps, storage_errors, write_json_if_changed
 from wsi_pipeline.workspace.layout import Layout, RunDir
 
 __all__ = ["PredictParams", "PredictResult", "SlidePrediction", "predict"]
@@ -74,25 +75,31 @@ def predict(slides: Sequence[SlideSource], params: PredictParams = PredictParams
     if params.annotations is not None and not Path(params.annotations).is_dir():
         raise UserError(f"--annotations {params.annotations}: no such folder (one <slide_id>.geojson per slide)")
     layout = Layout.at(out)
+    with storage_errors(layout.root):
+        return _predict(slides, params, layout)
+
+
+def _predict(slides: Sequence[SlideSource], params: PredictParams, layout: Layout) -> PredictResult:
     run = find_run(layout, params.run)
     device = resolve_device(params.device)
     models = load_fold_models(run, params.fold, device)
     classes = tuple(models[0][1]["model"]["classes"])
     record, patch_params, extract_params = recorded_stage_params(run)
     work = layout.prediction_slides()
-    patched = {o.slide_id: o for o in patch(slides, patch_params, out=work).outcomes}
-    extracted = extract(replace(extract_params, device=params.device), out=work,
-                        slide_ids=[s.slide_id for s in slides])
-    _check_same_features(extracted.feature_set.params, record)
-    failed = {o.slide_id: o.error for o in extracted.outcomes if o.status == FAILED}
+    errors = {o.slide_id: o.error for o in patch(slides, patch_params, out=work).outcomes if o.status in FAILURES}
+    patched = [s.slide_id for s in slides if s.slide_id not in errors]
+    if patched:  # else every slide failed its patching: nothing to encode
+        extracted = extract(replace(extract_params, device=params.device), out=work, slide_ids=patched)
+        _check_same_features(extracted.feature_set.params, record)
+        errors |= {o.slide_id: o.error for o in extracted.outcomes if o.status == FAILED}
     prediction_set = layout.predictions(run.name)
+    remove_stale_temps(prediction_set.dir)
     training_ids = _training_ids(run)
     predictions = []
     for source in slides:
         sid = source.slide_id
-        error = patched[sid].error if patched[sid].status in FAILURES else failed.get(sid, "")
-        if error:
-            predictions.append(SlidePrediction(sid, FAILED, error=error))
+        if sid in errors:
+            predictions.append(SlidePrediction(sid, FAILED, error=errors[sid]))
             continue
         h5_path = extracted.feature_set.h5(sid)
         features, coords = read_bag(h5_path)
@@ -119,7 +126,7 @@ def predict(slides: Sequence[SlideSource], params: PredictParams = PredictParams
                 annotations=outer_rings(regions) if regions else (),
                 title=f"{sid}: {result['predicted']} ({max(mean):.2f}), run {run.name}") if params.heatmap else None
         json_path = prediction_set.record(sid)
-        write_json_atomic(json_path, result)
+        write_json_if_changed(json_path, result)
         predictions.append(SlidePrediction(sid, DONE, result["probabilities"], result["predicted"], json_path,
                                            heatmap_path, work.patch_set(patch_params.config_name()).qc(sid),
                                            note=note))

@@ -8,13 +8,14 @@ the ranking within one slide is comparable; the colour bar's label says so. Patc
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.workspace.files import atomic_write
+from wsi_pipeline.workspace.files import write_bytes_if_changed
 
 Polygon = np.ndarray  # (k, 2) level-0 px
 
@@ -45,7 +46,8 @@ def heat_image(shape: tuple[int, int], scale: float, coords: np.ndarray, patch_s
 def render_heatmap(slide: Slide, coords: np.ndarray, patch_size_level0: int, attention: np.ndarray, path: Path,
                    *, annotations: Sequence[Polygon] = (), title: str = "", max_size: int = 1024,
                    alpha: float = 0.45) -> Path:
-    """Save the thumbnail with the attention overlay, a colour bar and annotation outlines as a PNG."""
+    """Save the thumbnail with the attention overlay, a colour bar and annotation outlines as a PNG (rewritten
+    only when its bytes change: a cached prediction writes nothing)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,7 +74,8 @@ def render_heatmap(slide: Slide, coords: np.ndarray, patch_size_level0: int, att
     bar.set_label("attention rank within this slide (percentile)", fontsize=8)
     bar.solids.set_alpha(1)
     fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    write_bytes_if_changed(path, png.getvalue())
     return path

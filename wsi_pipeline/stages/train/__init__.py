@@ -16,11 +16,12 @@ Resume: running the same config again skips folds that have `metrics.json` and c
 fold from its `last.pt`; the result equals an uninterrupted run. A run folder whose `config.yaml` or
 `splits.csv` differs from the current config (other than `device` and `out`, which do not define the
 experiment) is refused with a ConfigError naming the changed keys; `force=True` deletes it and starts over.
+A finished run writes nothing when trained again (it works on a read-only workspace); a workspace that
+cannot take a write it needs is one StorageError line.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,13 +31,14 @@ from wsi_pipeline.device import resolve_device
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.stages.train.bags import Bag, load_bags
 from wsi_pipeline.stages.train.config import TrainConfig, config_from_dict, config_to_dict, dump_config, load_config
-from wsi_pipeline.stages.train.folds import FoldData, ModelSpec, run_fold
+from wsi_pipeline.stages.train.folds import FoldData, ModelSpec, read_metrics, run_fold
 from wsi_pipeline.stages.train.labels import LabelledSlides, load_labelled_slides
 from wsi_pipeline.stages.train.metrics import summarize
 from wsi_pipeline.stages.train.progress import FoldProgress, ProgressLike
 from wsi_pipeline.stages.train.report import describe_splits, write_report, write_summary_csv
 from wsi_pipeline.stages.train.rundir import open_run
 from wsi_pipeline.stages.train.splits import Splits, make_monte_carlo_splits, make_splits, read_splits
+from wsi_pipeline.workspace.files import storage_errors
 from wsi_pipeline.workspace.layout import RunDir
 
 __all__ = ["TrainParams", "TrainResult", "train"]
@@ -72,7 +74,7 @@ def train(params: TrainParams, *, progress: ProgressLike | None = None) -> Train
     device = resolve_device(cfg.device, error=ConfigError)
     slides = load_labelled_slides(cfg)
     splits = splits_for(cfg, slides)
-    with open_run(cfg, splits, force=params.force) as run:
+    with storage_errors(cfg.out), open_run(cfg, splits, force=params.force) as run:
         spec = ModelSpec(cfg.model.name, cfg.model.options, slides.in_dim, slides.classes, cfg.data.standardize)
         meta = {"run": cfg.name, "features": str(cfg.data.features), "seed": cfg.seed}
         todo = [k for k in splits.folds if not run.fold(k).metrics.is_file()]
@@ -81,7 +83,7 @@ def train(params: TrainParams, *, progress: ProgressLike | None = None) -> Train
         results, bar = [], FoldProgress(progress)
         for fold in splits.folds:
             if fold not in todo:
-                results.append(FoldResult(fold, "done", json.loads(run.fold(fold).metrics.read_text())))
+                results.append(FoldResult(fold, "done", read_metrics(run.fold(fold).metrics)))
                 bar.skipped(fold)
                 continue
             log.info("fold %d: training on %s", fold, device)

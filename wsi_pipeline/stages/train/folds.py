@@ -16,6 +16,11 @@ atomically after every epoch, holds everything the remaining epochs depend on (m
 selection state, the log, the RNG states and the shuffle generator), so a resumed fold continues the
 exact run an uninterrupted one would have made.
 
+A step whose loss is not finite (a diverging run: too high a learning rate, extreme features), or a model
+whose val/test output is not finite, stops the fold with one ConfigError line naming the slide; the epoch is
+not saved, so no NaN model is ever selected as `best.pt`. `metrics.json` is strict JSON: an undefined AUC
+is written as null and read back as NaN (:func:`read_metrics`).
+
 Checkpoints (`torch.load(path, weights_only=True)` reads both): `best.pt` = {"model_state": state_dict,
 "meta": {"model": {"name", "options", "in_dim", "classes"}, "fold", "epoch", "val_score", "run", "features",
 "seed"}}; rebuild with `create_model(name, in_dim=in_dim, n_classes=len(classes), **options)`. `last.pt` adds
@@ -25,6 +30,7 @@ Checkpoints (`torch.load(path, weights_only=True)` reads both): `best.pt` = {"mo
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import random
@@ -36,16 +42,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from wsi_pipeline import faults
+from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.models.mil import bag_loss, create_model
 from wsi_pipeline.models.mil.standardize import StandardizedInput
 from wsi_pipeline.stages.train.bags import Bag
 from wsi_pipeline.stages.train.config import OptimConfig
 from wsi_pipeline.stages.train.metrics import SCALARS, classification_metrics, selection_score
-from wsi_pipeline.workspace.files import atomic_write
+from wsi_pipeline.workspace.files import atomic_write, save_torch_atomic, write_json_atomic, write_text_if_changed
 from wsi_pipeline.workspace.layout import FoldDir
 
 _FALLBACK_NOTE = "training ended before any epoch was eligible (epoch > select_after): last epoch used"
 EpochHook = Callable[[int, dict[str, Any]], None]  # (epoch, log row) after each finished epoch
+
+
+class NotFinite(ConfigError):
+    """A loss or a model output that is NaN or infinite, naming the slide; `run_fold` adds where and the fix."""
 
 
 @dataclass(frozen=True)
@@ -122,12 +134,19 @@ def run_fold(
 
     while not state.finished(optim):
         epoch = state.epoch + 1
-        train_loss = train_epoch(model, optimizer, data, generator=shuffle, device=device)
-        val = classification_metrics([data.labels[s] for s in data.val], predict_probs(model, data, data.val, device))
-        score = selection_score(val)
-        selected = epoch > optim.select_after and score > state.best_score
+        try:
+            train_loss = train_epoch(model, optimizer, data, generator=shuffle, device=device)
+            val = classification_metrics([data.labels[s] for s in data.val],
+                                         predict_probs(model, data, data.val, device))
+            score = selection_score(val)
+            selected = epoch > optim.select_after and score > state.best_score
+            if selected:
+                _select(state, model, data, epoch=epoch, score=score, val=val, device=device)
+        except NotFinite as exc:
+            raise ConfigError(f"{out.dir}: fold {fold}, epoch {epoch}: {exc}; training diverged and this epoch "
+                              f"was not saved: lower optim.lr (now {optim.lr:g}) or check that slide's features"
+                              ) from None
         if selected:
-            _select(state, model, data, epoch=epoch, score=score, val=val, device=device)
             _save_checkpoint(out.best, model, {**meta, "epoch": epoch, "val_score": score})
             state.counter = 0
         else:
@@ -153,7 +172,8 @@ def train_epoch(
     """One pass over the training bags in a freshly shuffled order; returns the mean loss.
 
     The loss is the model's own `training_loss` where it defines one (ACMIL, CLAM, DSMIL: the registry's
-    contract), else bag cross-entropy.
+    contract), else bag cross-entropy. A loss that is not finite raises `NotFinite` before the step that
+    would spread it into the weights.
     """
     model.train()
     total = 0.0
@@ -162,10 +182,14 @@ def train_epoch(
         bag = data.bags[slide_id]
         logits, _ = model(bag.features.to(device), bag.coords.to(device), groups=bag.groups)
         loss = bag_loss(model, logits, torch.tensor([data.labels[slide_id]], device=device))
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NotFinite(f"the training loss on slide {slide_id} is {value}")
         optimizer.zero_grad(set_to_none=True)  # None, not 0: AdamW then skips never-used params (docs/gmmamba.md §4)
         loss.backward()
         optimizer.step()
-        total += loss.item()
+        total += value
+        faults.point("step")
     return total / len(data.train)
 
 
@@ -178,6 +202,8 @@ def predict_probs(model: torch.nn.Module, data: FoldData, ids: Sequence[str], de
         bag = data.bags[slide_id]
         logits, _ = model(bag.features.to(device), bag.coords.to(device), groups=bag.groups)
         probs.append(torch.softmax(logits.float(), dim=-1)[0].cpu().numpy())
+        if not np.isfinite(probs[-1]).all():
+            raise NotFinite(f"the model's output on slide {slide_id} is {probs[-1].tolist()} (not finite)")
     return np.stack(probs).astype(np.float64)
 
 
@@ -213,7 +239,9 @@ def _finish(
     out: FoldDir,
     meta: dict[str, Any],
 ) -> dict[str, Any]:
-    """Write preds.csv and, last (it marks the fold done), metrics.json."""
+    """Write preds.csv, the log (a run killed between `last.pt` and `log.csv` of its final epoch resumes
+    straight here) and, last (it marks the fold done), metrics.json."""
+    _write_log(out.log, state.log)
     selection = "best_val"
     if state.best_epoch < 0:  # no epoch was eligible: fall back to the last one
         selection = "last_epoch"
@@ -232,14 +260,22 @@ def _finish(
         "val": state.best_val,
         "test": state.best_test,
     }
-    with atomic_write(out.metrics) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json_atomic(out.metrics, metrics)
+    return metrics
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A finished fold's metrics.json as `run_fold` returned it: null (an undefined metric) back to NaN."""
+    metrics = json.loads(path.read_text())
+    for part in ("val", "test"):
+        for name in SCALARS:
+            if metrics[part].get(name, 0.0) is None:
+                metrics[part][name] = math.nan
     return metrics
 
 
 def _save_checkpoint(path: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
-    with atomic_write(path) as tmp:
-        torch.save({"model_state": model.state_dict(), "meta": meta}, tmp)
+    save_torch_atomic(path, {"model_state": model.state_dict(), "meta": meta})
 
 
 def _save_last(
@@ -258,8 +294,7 @@ def _save_last(
         "shuffle": shuffle.get_state(),
     }
     payload = {"model_state": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}
-    with atomic_write(path) as tmp:
-        torch.save({**payload, "fold_state": asdict(state), "meta": meta}, tmp)
+    save_torch_atomic(path, {**payload, "fold_state": asdict(state), "meta": meta})
 
 
 def _restore(
@@ -286,10 +321,11 @@ def _numpy_state() -> tuple[Any, ...]:
 
 
 def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
-    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_if_changed(path, text.getvalue())
 
 
 def _write_preds(path: Path, data: FoldData, classes: Sequence[str], probs: list[list[float]]) -> None:

@@ -1,19 +1,21 @@
 """A run's summary files: `summary.csv` (one row per fold, then mean and std rows) and `report.md`.
 
 Numbers are test metrics at each fold's selected epoch; mean ± std uses the population std (ddof=0),
-see :mod:`wsi_pipeline.stages.train.metrics`.
+see :mod:`wsi_pipeline.stages.train.metrics`. Both are rewritten only when their text changes, so training
+a finished run again writes nothing.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from wsi_pipeline.stages.train.config import SplitsConfig
 from wsi_pipeline.stages.train.metrics import SCALARS
-from wsi_pipeline.workspace.files import atomic_write
+from wsi_pipeline.workspace.files import write_text_if_changed
 
 SUMMARY_COLUMNS = ("fold", "selection", "selected_epoch", *SCALARS)
 
@@ -22,13 +24,14 @@ def write_summary_csv(
     path: Path, folds: Sequence[Mapping[str, Any]], summary: Mapping[str, tuple[float, float]]
 ) -> None:
     """`folds` are the metrics.json dicts of each fold."""
-    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(SUMMARY_COLUMNS)
-        for m in folds:
-            writer.writerow([m["fold"], m["selection"], m["selected_epoch"], *(m["test"][k] for k in SCALARS)])
-        for i, row_name in enumerate(("mean", "std")):
-            writer.writerow([row_name, "", "", *(summary[k][i] for k in SCALARS)])
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(SUMMARY_COLUMNS)
+    for m in folds:
+        writer.writerow([m["fold"], m["selection"], m["selected_epoch"], *(m["test"][k] for k in SCALARS)])
+    for i, row_name in enumerate(("mean", "std")):
+        writer.writerow([row_name, "", "", *(summary[k][i] for k in SCALARS)])
+    write_text_if_changed(path, text.getvalue())
 
 
 def write_report(
@@ -81,8 +84,7 @@ def write_report(
         "```",
         "",
     ]
-    with atomic_write(path) as tmp:
-        tmp.write_text("\n".join(lines))
+    write_text_if_changed(path, "\n".join(lines))
 
 
 def _class_order_line(classes: Sequence[str]) -> str:

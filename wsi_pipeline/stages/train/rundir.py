@@ -3,7 +3,10 @@
 `open_run` takes the run's lock (a second `wsip train` of the same run, or a `--force` against a run in
 progress, is refused with one line), then creates the folder or checks that the one there belongs to this
 very experiment: a changed config (other than `device` and `out`, which do not define the experiment) or
-changed splits are refused, naming what changed; `force` deletes the run and starts over.
+changed splits are refused, naming what changed; `force` deletes the run and starts over. A run already
+finished with exactly this config, and no lock beside it (not even a dead writer's), is opened without
+taking the lock: nothing will be written (a read-only workspace works), and reading finished files needs
+no exclusion.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import logging
 import shutil
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -20,7 +24,7 @@ import yaml
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.stages.train.config import TrainConfig, config_from_dict, config_to_dict, dump_config
 from wsi_pipeline.stages.train.splits import Splits, parse_splits_csv, write_splits
-from wsi_pipeline.workspace.files import write_json_if_changed, write_text_if_changed
+from wsi_pipeline.workspace.files import json_text, remove_stale_temps, write_json_if_changed, write_text_if_changed
 from wsi_pipeline.workspace.layout import RunDir, feature_set_at
 from wsi_pipeline.workspace.locks import OwnerLock
 
@@ -30,8 +34,12 @@ _NOT_EXPERIMENT = ("device", "out")  # keys that may change between a run and it
 
 @contextlib.contextmanager
 def open_run(cfg: TrainConfig, splits: Splits, *, force: bool) -> Iterator[RunDir]:
-    """The prepared run folder, held exclusively for the duration of the block."""
+    """The prepared run folder, held exclusively for the duration of the block (unless finished as is)."""
     run = cfg.run
+    if not force and not run.lock.exists() and _finished_as_is(cfg, splits, run):
+        remove_stale_temps(*run.output_dirs())
+        yield run
+        return
     lock = OwnerLock(run.lock)
     if not lock.acquire():
         holder = lock.holder() or {}
@@ -60,10 +68,21 @@ def _prepare(cfg: TrainConfig, splits: Splits, run: RunDir, *, force: bool) -> N
             "edited); use a new `name`, or --force (force=True) to discard that run"
         )
     run.dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(*run.output_dirs())
     write_text_if_changed(run.config, dump_config(cfg))
     if not run.splits.is_file():  # else equal to `splits` (checked above)
         write_splits(splits, run.splits)
     write_json_if_changed(run.features_record, features_record(cfg))
+
+
+def _finished_as_is(cfg: TrainConfig, splits: Splits, run: RunDir) -> bool:
+    """Every fold finished, and `_prepare` would write nothing: same config text, splits and features record."""
+    def same(path: Path, text: str) -> bool:
+        return path.is_file() and path.read_text() == text
+
+    return (all(run.fold(k).metrics.is_file() for k in splits.folds) and same(run.config, dump_config(cfg))
+            and same(run.features_record, json_text(features_record(cfg))) and run.splits.is_file()
+            and parse_splits_csv(run.splits).rows == splits.rows)
 
 
 def features_record(cfg: TrainConfig) -> dict[str, Any]:

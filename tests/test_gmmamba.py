@@ -35,11 +35,15 @@ def _model(**opts: object) -> GMMamba:
 
 def test_parameter_count_matches_the_reference() -> None:
     torch.manual_seed(0)
-    model = create_model("gmmamba", in_dim=512, n_classes=2)
+    model = create_model("gmmamba", in_dim=512, n_classes=2, preset="released")
     # §10 per-part counts of the released code, minus its unused _fc1 (Linear(512, 512) = 262,656)
     imm, css, cls_and_head = 4_030_466 - 262_656, 1_048_576, 1_050_626
     assert _count(model) == imm + css + cls_and_head == 5_867_012
     assert isinstance(model.proj, nn.Identity)  # D == 512: no projection (§1)
+    # the recommended preset (§14): 128-d after a Linear(512, 128) + GELU + Dropout projection
+    recommended = create_model("gmmamba", in_dim=512, n_classes=2)
+    assert recommended.proj[0].out_features == 128 and _count(recommended.proj) == 512 * 128 + 128
+    assert _count(recommended) == 500_612
     assert _count(model.imm) == imm
     assert _count(model.css) == css
     assert _count(model.aggregator) + _count(model.head) == cls_and_head
@@ -198,11 +202,11 @@ def test_groups_default_to_coordinate_kmeans() -> None:
     reference = [np.flatnonzero(labels == g) for g in range(10)]
     torch.testing.assert_close(model(features, coords)[0], model(features, coords, reference)[0])
     grouped = _model(grouping="random", grouping_seed=3)
-    assert grouped.group_cache_key == "random_G10_s3"
+    assert grouped.group_cache_key == "random_G10_s3_unsorted"
 
 
 def test_css_follows_equations_8_to_12() -> None:
-    model = _model().eval()
+    model = _model(preset="released").eval()
     groups = 0.2 * torch.randn(6, 64)
     sampled, q = model.css(groups)
     f_max = groups.max(0).values  # Eq 8
@@ -243,3 +247,51 @@ def test_xavier_reinit_zeroes_dt_bias_unless_native_init() -> None:
     assert all(not b.any() for b in dt_biases)
     assert all((b < 0).all() for b in native_dt)  # Mamba's init: inverse softplus of dt in [1e-3, 0.1]
     assert all(not lin.bias.any() for lin in default.imm.pool_scorer.net if isinstance(lin, nn.Linear))
+
+
+def test_recommended_preset_scales_the_association() -> None:
+    """§14: Q = softmax(F·f_max / √d); the released, unscaled Q is one-hot on LayerNorm-scale vectors."""
+    model, released = _model().eval(), _model(preset="released").eval()
+    groups = torch.nn.functional.layer_norm(torch.randn(10, 64), (64,))
+    _, q = model.css(groups)
+    torch.testing.assert_close(q, torch.softmax(groups @ groups.max(0).values / 8.0, 0))
+    assert released.css(groups)[1].max() > 0.5 > q.max()
+    assert model.options["css_association"] == "scaled_dot"
+
+
+@pytest.mark.parametrize("options", [{"use_imm": False}, {"use_css": False}, {"css_variant": "cmax"},
+                                     {"css_variant": "q"}, {"css_variant": "cca"}])
+def test_ablations_give_slide_logits_and_attention(options: dict[str, object]) -> None:
+    """§15: every ablation is a working model whose attention is a distribution over the bag."""
+    model = _model(**options).train()
+    features, coords = _bag(90)
+    logits, attention = model(features, coords)
+    logits.sum().backward()
+    assert logits.shape == (1, 2) and attention.shape == (90,)
+    assert attention.min() >= 0 and float(attention.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert all(p.grad is not None for p in model.head.parameters())
+
+
+def test_ablation_parameter_counts() -> None:
+    """BMP is one residual BiMamba + LayerNorm per group (no masking, no attention pooling); CSS without
+    CMHA loses exactly the bias-free MHA (4 d²); without CSS, that and nothing else."""
+    full = _n_params(_model())
+    d = SMALL["d_model"]
+    mha = 4 * d * d
+    for variant in ("cmax", "q", "cca"):
+        assert _n_params(_model(css_variant=variant)) == full - mha
+    assert _n_params(_model(use_css=False)) == full - mha
+    bimamba = _n_params(_model().imm.mamba1)
+    scorers = _n_params(_model().imm.mask_scorer) + _n_params(_model().imm.pool_scorer)
+    assert _n_params(_model(use_imm=False)) == full - bimamba - scorers - 2 * 2 * d
+
+
+def test_random_grouping_keeps_the_random_order_inside_groups() -> None:
+    """§15: as released, a random group lists its instances in the permutation's order, not sorted."""
+    groups = _model(grouping="random").make_groups(None, np.zeros((200, 2)))
+    assert sorted(np.concatenate(groups).tolist()) == list(range(200))
+    assert any((np.diff(g) < 0).any() for g in groups)
+
+
+def _n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -4,7 +4,10 @@ Forward pass for one bag (§10): LG groups (K-Means on coords, §2) -> IMM on ea
 (never padded together: padding would change the reverse scan, §8) -> CSS across the group vectors (§5)
 -> class-token MHSA and a Linear head (§6).
 
-Options and the quirks they keep (defaults = the released code, resolved as in §12):
+Every option below is taken from ``preset`` unless passed (docs/gmmamba.md §14): ``"recommended"`` (the
+default, chosen on the quality benchmark) or ``"released"`` (the published code, reproduced bit for bit).
+
+Architecture options and the quirks they keep (values of the released preset, resolved as in §12):
 - ``mask_ratio=0.2``; ``min_one_masked=True`` drops at least one instance per group even at ratio 0
   (§12.2); at least one instance is always kept.
 - ``learnable_mask=False``: the mask scorer is never trained (§4); True gives it a gradient (see IMM).
@@ -12,7 +15,21 @@ Options and the quirks they keep (defaults = the released code, resolved as in �
 - ``mamba_native_init=False``: Xavier re-init of every IMM Linear incl. inside the BiMambas, dt bias -> 0
   (§7, §12.11); True keeps Mamba's own init inside the BiMambas.
 - ``grouping="kmeans"``, ``n_groups=10``: the LG grouping and its Table 6 ablations (grouping.py).
-- ``d_model=512``: width of everything after the input projection; only the tests shrink it for speed.
+- ``d_model=512``: width of everything after the input projection (Linear + GELU + Dropout(0.25), present
+  whenever D != d_model). The recommended preset narrows it to 128: a quarter of the parameters in the
+  BiMambas, dropout on the way in, and no memorising of a small cohort within a few epochs (§14).
+- ``css_association="dot"``: CSS's group weights Q (Eq 11). ``"dot"``: ``softmax(F·f_max)``, unscaled; with
+  LayerNorm-scale 512-d group vectors the logits differ by tens, so Q is one-hot on one group, chosen before
+  any training by whatever dominates the dot product. ``"scaled_dot"`` (recommended): ``softmax(F·f_max/√d)``,
+  the scaling of every other dot-product attention; Q starts spread and learns which groups matter.
+  ``"attention"``: a learned attention MLP over the group vectors (d -> 128 -> 1).
+- ``mask_mode="scores"``: which instances IMM drops: ``"scores"`` the k lowest mask-scorer scores, in training
+  and inference; ``"scores_train"`` the same but only in training; ``"random_train"`` k random ones, only in
+  training (instance dropout).
+- ``feature_dropout=0.0``: dropout on IMM's input, the regulariser the D = 512 path lacks.
+- Ablations (the paper's Table 4 and CSS table, docs/gmmamba.md §15): ``use_imm=False`` replaces IMM by BMP
+  (residual BiMamba + max pooling per group); ``use_css=False`` feeds the group vectors to the class token
+  without CSS; ``css_variant`` "cmax" / "q" / "cca" stop CSS after CMax, ×Q or CCA ("full": Eq 12).
 - ``batch_groups=True``: run IMM on all groups as one padded batch (`IMM.forward_batch`; the same outputs as
   the released per-group loop up to float rounding, ~1e-7, and 1.5–2× faster for small groups); False loops.
 
@@ -24,17 +41,29 @@ F_sgr carries. It sums to 1 over the bag; masked instances get exactly 0.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
+from wsi_pipeline.models.mil.css import CrossGroupSampling, CssAssociation, CssVariant, check_choice
 from wsi_pipeline.models.mil.grouping import Grouping, group_cache_key, make_groups
 from wsi_pipeline.models.mil.pooling import AttentionScorer, attention_pool, check_bag
 from wsi_pipeline.models.mil.registry import register_model
 from wsi_pipeline.models.ssm.bimamba import BiMamba, xavier_reinit_
+
+MaskMode = Literal["scores", "scores_train", "random_train"]
+
+# What each preset sets; an option passed explicitly (not None) overrides it. The evidence for the
+# recommended values is in docs/gmmamba.md §14 and benchmarks/bench_quality.py.
+PRESETS: dict[str, dict[str, Any]] = {
+    "released": {"d_model": 512, "mask_ratio": 0.2, "min_one_masked": True, "learnable_mask": False,
+                 "mask_mode": "scores", "mamba_native_init": False, "css_association": "dot",
+                 "feature_dropout": 0.0},
+}
+PRESETS["recommended"] = {**PRESETS["released"], "d_model": 128, "css_association": "scaled_dot"}
 
 
 def mask_count(m: int, mask_ratio: float, *, min_one_masked: bool = True) -> int:
@@ -57,16 +86,20 @@ class IMM(nn.Module):
     survivors are multiplied by a straight-through gate ``exp(log p_i − stopgrad(log p_i))``,
     p = softmax(scores): exactly 1 in the forward pass (outputs are unchanged), while the backward pass
     gives the scores the gradient of a soft, score-weighted selection (∂gate_i/∂s_j = δ_ij − p_j).
+
+    ``mask_mode`` "scores_train" / "random_train" mask only in training mode: by score, or k random instances.
     """
 
     def __init__(
         self, d_model: int, *, mask_ratio: float, min_one_masked: bool, learnable_mask: bool,
-        d_state: int, d_conv: int, expand: int,
+        d_state: int, d_conv: int, expand: int, mask_mode: MaskMode = "scores",
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        check_choice("mask_mode", mask_mode, MaskMode)
         self.mask_ratio, self.min_one_masked, self.learnable_mask = mask_ratio, min_one_masked, learnable_mask
+        self.mask_mode = mask_mode
         mamba = {"d_model": d_model, "d_state": d_state, "d_conv": d_conv, "expand": expand}
         self.ln_a, self.ln_b, self.ln_s = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.mamba1, self.mamba2 = BiMamba(**mamba), BiMamba(**mamba)
@@ -107,8 +140,9 @@ class IMM(nn.Module):
         """(G, L) mask of the kept instances (the k lowest scores of each group dropped), and the
         straight-through gate when learnable."""
         valid = torch.arange(r1.shape[1], device=r1.device)[None] < lengths[:, None]
-        with torch.set_grad_enabled(self.learnable_mask and torch.is_grad_enabled()):
-            scores = self.mask_scorer(self.ln_s(r1))
+        if self.mask_mode != "scores" and not self.training:
+            return valid, None
+        scores = self._mask_scores(r1)
         ranked = torch.sort(scores.detach().masked_fill(~valid, float("inf")), dim=1, stable=True).indices
         rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(r1.shape[1], device=r1.device)
                                                  .expand_as(ranked).contiguous())
@@ -123,9 +157,10 @@ class IMM(nn.Module):
     def _survivors(self, r1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Ascending indices of the kept instances, and the straight-through gate when learnable."""
         m = r1.shape[0]
+        if self.mask_mode != "scores" and not self.training:
+            return torch.arange(m, device=r1.device), None
         k = mask_count(m, self.mask_ratio, min_one_masked=self.min_one_masked)
-        with torch.set_grad_enabled(self.learnable_mask and torch.is_grad_enabled()):
-            scores = self.mask_scorer(self.ln_s(r1))
+        scores = self._mask_scores(r1)
         ascending = torch.sort(scores.detach(), stable=True).indices
         keep = torch.sort(ascending[k:]).values
         if not self.learnable_mask:
@@ -133,21 +168,29 @@ class IMM(nn.Module):
         log_p = torch.log_softmax(scores, dim=0)
         return keep, torch.exp(log_p - log_p.detach())
 
+    def _mask_scores(self, r1: torch.Tensor) -> torch.Tensor:
+        """What the k lowest are dropped by: the mask scorer's scores, or uniform noise ("random_train")."""
+        if self.mask_mode == "random_train":
+            return torch.rand(r1.shape[:-1], device=r1.device)
+        with torch.set_grad_enabled(self.learnable_mask and torch.is_grad_enabled()):
+            return self.mask_scorer(self.ln_s(r1))
 
-class CrossGroupSampling(nn.Module):
-    """CSS (§5): CMax, unscaled association Q, parameter-free CCA, bias-free MHA; F_sgr = f_ca + Q_g f_mha."""
 
-    def __init__(self, d_model: int, n_heads: int = 8) -> None:
+class BMP(nn.Module):
+    """BiMamba with max pooling, the ablation in place of IMM: r = X + BiMamba(LN(X)); f = max over instances.
+
+    Attention: an instance's share of the dimensions where it holds the maximum (what f takes from it).
+    """
+
+    def __init__(self, d_model: int, *, d_state: int, d_conv: int, expand: int) -> None:
         super().__init__()
-        self.mha = nn.MultiheadAttention(d_model, n_heads, dropout=0.0, bias=False, batch_first=True)
+        self.ln = nn.LayerNorm(d_model)
+        self.mamba = BiMamba(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand)
 
-    def forward(self, f_gr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G, d) group vectors -> F_sgr (G, d) and Q (G,)."""
-        f_max = f_gr.max(0).values  # Eq 8
-        q = torch.softmax(f_gr @ f_max, dim=0)  # Eq 11: raw dot product, no 1/√d, no projections
-        f_ca = q @ f_gr  # Eq 9
-        f_mha = self.mha(f_ca[None, None], f_gr[None], f_gr[None], need_weights=False)[0][0, 0]  # Eq 10
-        return f_ca + q[:, None] * f_mha, q  # Eq 12
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = (x[None] + self.mamba(self.ln(x[None])))[0]
+        f, winners = r.max(0)
+        return f, torch.bincount(winners, minlength=len(x)).to(r) / r.shape[1]
 
 
 class ClassTokenLayer(nn.Module):
@@ -188,31 +231,49 @@ class ClassTokenAggregator(nn.Module):
 
 @register_model("gmmamba")
 class GMMamba(nn.Module):
+    """GMMamba with the options of the module docstring; those left None take ``PRESETS[preset]``."""
+
     def __init__(
-        self, in_dim: int, n_classes: int, *, d_model: int = 512, n_groups: int = 10,
-        grouping: Grouping = "kmeans", grouping_seed: int = 0, mask_ratio: float = 0.2,
-        min_one_masked: bool = True, learnable_mask: bool = False, cls_layers: int = 1,
-        mamba_native_init: bool = False, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-        batch_groups: bool = True,
+        self, in_dim: int, n_classes: int, *, preset: str = "recommended", d_model: int | None = None,
+        n_groups: int = 10, grouping: Grouping = "kmeans", grouping_seed: int = 0,
+        mask_ratio: float | None = None, min_one_masked: bool | None = None, learnable_mask: bool | None = None,
+        mask_mode: MaskMode | None = None, mamba_native_init: bool | None = None,
+        css_association: CssAssociation | None = None, feature_dropout: float | None = None,
+        use_imm: bool = True, use_css: bool = True, css_variant: CssVariant = "full", cls_layers: int = 1,
+        d_state: int = 16, d_conv: int = 4, expand: int = 2, batch_groups: bool = True,
     ) -> None:
         super().__init__()
+        check_choice("preset", preset, tuple(PRESETS))
+        given = {"d_model": d_model, "mask_ratio": mask_ratio, "min_one_masked": min_one_masked,
+                 "learnable_mask": learnable_mask, "mask_mode": mask_mode, "mamba_native_init": mamba_native_init,
+                 "css_association": css_association, "feature_dropout": feature_dropout}
+        self.options = opt = {k: PRESETS[preset][k] if v is None else v for k, v in given.items()}
+        d_model = opt["d_model"]
         self.batch_groups = batch_groups
         self.grouping, self.n_groups, self.grouping_seed = grouping, n_groups, grouping_seed
         self.group_cache_key = group_cache_key(grouping, n_groups, grouping_seed)
         self.proj = _input_projection(in_dim, d_model)
+        mamba = {"d_state": d_state, "d_conv": d_conv, "expand": expand}
         self.imm = IMM(
-            d_model, mask_ratio=mask_ratio, min_one_masked=min_one_masked, learnable_mask=learnable_mask,
-            d_state=d_state, d_conv=d_conv, expand=expand,
-        )
-        self._init_imm(mamba_native_init)
-        self.css = CrossGroupSampling(d_model)
+            d_model, mask_ratio=opt["mask_ratio"], min_one_masked=opt["min_one_masked"],
+            learnable_mask=opt["learnable_mask"], mask_mode=opt["mask_mode"], **mamba,
+        ) if use_imm else BMP(d_model, **mamba)
+        self._init_imm(opt["mamba_native_init"])
+        self.css = CrossGroupSampling(d_model, association=opt["css_association"], variant=css_variant) \
+            if use_css else None
         self.aggregator = ClassTokenAggregator(d_model, cls_layers)
         self.head = nn.Linear(d_model, n_classes)
+        # a module only when asked: the released model's parameters and init RNG use stay as they were
+        self.feature_dropout = nn.Dropout(opt["feature_dropout"]) if opt["feature_dropout"] > 0 else None
 
     def _init_imm(self, mamba_native_init: bool) -> None:
         """§7: the reference re-inits all of IMM (its unused ``_fc1``, our projection, included)."""
         imm = self.imm
-        parts = [imm.ln_a, imm.ln_b, imm.ln_s, imm.mask_scorer, imm.pool_scorer] if mamba_native_init else [imm]
+        if mamba_native_init:
+            parts = [imm.ln] if isinstance(imm, BMP) else [imm.ln_a, imm.ln_b, imm.ln_s, imm.mask_scorer,
+                                                            imm.pool_scorer]
+        else:
+            parts = [imm]
         for part in [*parts, self.proj]:
             xavier_reinit_(part)
 
@@ -234,17 +295,22 @@ class GMMamba(nn.Module):
             feats = features.detach().cpu().numpy() if self.grouping == "feature_kmeans" else None
             groups = self.make_groups(feats, coords.detach().cpu().numpy())
         x = self.proj(features)
+        if self.feature_dropout is not None:
+            x = self.feature_dropout(x)
         index = [torch.as_tensor(g, dtype=torch.long, device=x.device) for g in groups]
         if any(len(g) == 0 for g in index):
             raise ValueError("every group must hold at least one instance")
         groups_x = [x.index_select(0, idx) for idx in index]
-        if self.batch_groups:
+        if self.batch_groups and isinstance(self.imm, IMM):
             group_vectors, alphas = self.imm.forward_batch(groups_x)
             pooled = list(zip(group_vectors, alphas, strict=True))
         else:  # each group alone, as released
             pooled = [self.imm(g) for g in groups_x]
             group_vectors = torch.stack([f for f, _ in pooled])
-        sampled, q = self.css(group_vectors)
+        if self.css is None:  # ablation: every group vector is a token, equally weighted for the attention
+            sampled, q = group_vectors, group_vectors.new_full((len(group_vectors),), 1 / len(group_vectors))
+        else:
+            sampled, q = self.css(group_vectors)
         logits = self.head(self.aggregator(sampled))[None]
         weights = torch.cat([q[g] * alpha for g, (_, alpha) in enumerate(pooled)])
         attn = weights.new_zeros(features.shape[0]).index_copy(0, torch.cat(index), weights)
@@ -256,4 +322,5 @@ def _input_projection(in_dim: int, d_model: int) -> nn.Module:
     if in_dim == d_model:
         return nn.Identity()
     return nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(0.25))
+
 

@@ -33,7 +33,7 @@ def group_cache_key(method: Grouping, n_groups: int, seed: int = 0) -> str:
     result (K-Means always uses random_state 0, as the reference does).
     """
     _check_method(method)
-    return f"random_G{n_groups}_s{seed}" if method == "random" else f"{method}_G{n_groups}"
+    return f"random_G{n_groups}_s{seed}_unsorted" if method == "random" else f"{method}_G{n_groups}"
 
 
 def make_groups(
@@ -63,7 +63,7 @@ def make_groups(
     if method == "sequential":
         return [g.astype(np.int64) for g in np.array_split(np.arange(n), min(n_groups, n))]
     perm = np.random.default_rng(seed).permutation(n)
-    return [np.sort(g).astype(np.int64) for g in np.array_split(perm, min(n_groups, n))]
+    return [g.astype(np.int64) for g in np.array_split(perm, min(n_groups, n))]  # random order inside, as released
 
 
 def kmeans_labels(points: np.ndarray, n_groups: int) -> np.ndarray:

@@ -127,14 +127,18 @@ def test_paper_baselines_learn(aucs: dict[str, float], name: str) -> None:
     assert aucs[name] >= 0.9
 
 
-ABLATIONS = {"bmp": {"use_imm": False}, "no_css": {"use_css": False}, "cmax": {"css_variant": "cmax"},
-             "xq": {"css_variant": "q"}, "cca": {"css_variant": "cca"}}
+# BMP's max pooling passes gradient through one instance per dimension, so it learns more slowly: 4 epochs
+# (held-out AUC 0.98; 0.69 after 2).
+ABLATIONS = {"bmp": ({"use_imm": False}, 4), "no_css": ({"use_css": False}, EPOCHS),
+             "cmax": ({"css_variant": "cmax"}, EPOCHS), "xq": ({"css_variant": "q"}, EPOCHS),
+             "cca": ({"css_variant": "cca"}, EPOCHS)}
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS)
 def test_gmmamba_ablations_learn(cohort: tuple[list[Bag], list[Bag]], ablation: str) -> None:
     """Each ablation switch of the paper's tables trains into a working model (docs/gmmamba.md §15)."""
-    assert _train_and_auc("gmmamba", cohort, d_model=DIM, **ABLATIONS[ablation]) >= 0.85
+    options, epochs = ABLATIONS[ablation]
+    assert _train_and_auc("gmmamba", cohort, d_model=DIM, epochs=epochs, **options) >= 0.85
 
 
 def test_mean_pooling_is_clearly_worse(aucs: dict[str, float]) -> None:

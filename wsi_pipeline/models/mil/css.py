@@ -34,7 +34,7 @@ class CrossGroupSampling(nn.Module):
         self.association, self.variant = association, variant
         if variant == "full":  # the other variants stop before CMHA and have no MHA parameters
             self.mha = nn.MultiheadAttention(d_model, n_heads, dropout=0.0, bias=False, batch_first=True)
-        if association == "attention":  # made after the MHA, so the other parameters' init is unchanged
+        if association == "attention" and variant != "cmax":  # made last: the others' init is unchanged
             self.scorer = AttentionScorer(d_model, 128)
 
     def forward(self, f_gr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,9 +20,10 @@ Architecture options and the quirks they keep (values of the released preset, re
   BiMambas, dropout on the way in, and no memorising of a small cohort within a few epochs (§14).
 - ``css_association="dot"``: CSS's group weights Q (Eq 11). ``"dot"``: ``softmax(F·f_max)``, unscaled; with
   LayerNorm-scale 512-d group vectors the logits differ by tens, so Q is one-hot on one group, chosen before
-  any training by whatever dominates the dot product. ``"scaled_dot"`` (recommended): ``softmax(F·f_max/√d)``,
-  the scaling of every other dot-product attention; Q starts spread and learns which groups matter.
-  ``"attention"``: a learned attention MLP over the group vectors (d -> 128 -> 1).
+  any training by whatever dominates the dot product. ``"scaled_dot"``: ``softmax(F·f_max/√d)``, the scaling
+  of every other dot-product attention, but with no parameter Q stays near uniform and cannot single a group
+  out. ``"attention"`` (recommended): a learned attention MLP over the group vectors (d -> 128 -> 1, as IMM's
+  pooling), so a group's weight follows its relevance to the label.
 - ``mask_mode="scores"``: which instances IMM drops: ``"scores"`` the k lowest mask-scorer scores, in training
   and inference; ``"scores_train"`` the same but only in training; ``"random_train"`` k random ones, only in
   training (instance dropout).
@@ -63,7 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "mask_mode": "scores", "mamba_native_init": False, "css_association": "dot",
                  "feature_dropout": 0.0},
 }
-PRESETS["recommended"] = {**PRESETS["released"], "d_model": 128, "css_association": "scaled_dot"}
+PRESETS["recommended"] = {**PRESETS["released"], "d_model": 128, "css_association": "attention"}
 
 
 def mask_count(m: int, mask_ratio: float, *, min_one_masked: bool = True) -> int:

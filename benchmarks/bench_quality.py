@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tasks = args.task.split(",")
     specs = args.models.split(",") if args.models else list_models()
-    specs = [spec for name in specs for spec in (ABLATIONS if name == "ablations" else [name])]
+    specs = list(dict.fromkeys(spec for name in specs for spec in (ABLATIONS if name == "ablations" else [name])))
     if "d" in tasks and bool(args.features) != bool(args.labels):
         parser.error("--task d takes --features and --labels together (or neither: generated slides)")
     jobs = []

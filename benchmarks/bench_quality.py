@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.perf_counter() - t0
     records = [done[j.key()] for j in jobs]
     seeds = math.ceil(args.runs / args.folds)
-    header = (f"MIL quality: {args.bags} bags of {args.min_n}-{args.max_n} instances, {args.runs} runs "
+    generated = f"{args.bags} bags of {args.min_n}-{args.max_n} instances; " if set(tasks) - {"d"} else ""
+    header = (f"MIL quality: {generated}{args.runs} runs "
               f"({seeds} seed(s) x {args.folds} folds, val {args.val_fraction}), up to {args.epochs} epochs "
               f"(select after {args.select_after}, patience {args.patience}); wall {wall:.0f}s")
     print_table(records, tasks, specs, header)

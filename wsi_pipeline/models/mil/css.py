@@ -8,12 +8,13 @@ for the paper's CSS table (docs/gmmamba.md §15): "cmax" one token f_max; "q" th
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
 from wsi_pipeline.models.mil.pooling import AttentionScorer
+from wsi_pipeline.models.mil.registry import check_choice
 
 CssAssociation = Literal["dot", "scaled_dot", "attention"]
 CssVariant = Literal["full", "cmax", "q", "cca"]
@@ -60,10 +61,3 @@ class CrossGroupSampling(nn.Module):
             return self.scorer(f_gr)
         logits = f_gr @ f_gr.max(0).values  # Eq 8 (CMax), then the dot product of Eq 11
         return logits if self.association == "dot" else logits * f_gr.shape[1] ** -0.5
-
-
-def check_choice(option: str, value: object, choices: Any) -> None:
-    """A one-line error naming the option and its choices (a Literal type or a tuple of names)."""
-    allowed = getattr(choices, "__args__", choices)
-    if value not in allowed:
-        raise ValueError(f"{option} must be one of {', '.join(map(str, allowed))}, got {value!r}")

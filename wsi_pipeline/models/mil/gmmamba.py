@@ -49,10 +49,10 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from wsi_pipeline.models.mil.css import CrossGroupSampling, CssAssociation, CssVariant, check_choice
+from wsi_pipeline.models.mil.css import CrossGroupSampling, CssAssociation, CssVariant
 from wsi_pipeline.models.mil.grouping import Grouping, group_cache_key, make_groups
 from wsi_pipeline.models.mil.pooling import AttentionScorer, attention_pool, check_bag
-from wsi_pipeline.models.mil.registry import register_model
+from wsi_pipeline.models.mil.registry import check_choice, register_model
 from wsi_pipeline.models.ssm.bimamba import BiMamba, xavier_reinit_
 
 MaskMode = Literal["scores", "scores_train", "random_train"]
@@ -141,7 +141,7 @@ class IMM(nn.Module):
         """(G, L) mask of the kept instances (the k lowest scores of each group dropped), and the
         straight-through gate when learnable."""
         valid = torch.arange(r1.shape[1], device=r1.device)[None] < lengths[:, None]
-        if self.mask_mode != "scores" and not self.training:
+        if not self._masking:
             return valid, None
         scores = self._mask_scores(r1)
         ranked = torch.sort(scores.detach().masked_fill(~valid, float("inf")), dim=1, stable=True).indices
@@ -158,7 +158,7 @@ class IMM(nn.Module):
     def _survivors(self, r1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Ascending indices of the kept instances, and the straight-through gate when learnable."""
         m = r1.shape[0]
-        if self.mask_mode != "scores" and not self.training:
+        if not self._masking:
             return torch.arange(m, device=r1.device), None
         k = mask_count(m, self.mask_ratio, min_one_masked=self.min_one_masked)
         scores = self._mask_scores(r1)
@@ -168,6 +168,11 @@ class IMM(nn.Module):
             return keep, None
         log_p = torch.log_softmax(scores, dim=0)
         return keep, torch.exp(log_p - log_p.detach())
+
+    @property
+    def _masking(self) -> bool:
+        """Whether instances are dropped now: always for "scores", only in training for the other modes."""
+        return self.mask_mode == "scores" or self.training
 
     def _mask_scores(self, r1: torch.Tensor) -> torch.Tensor:
         """What the k lowest are dropped by: the mask scorer's scores, or uniform noise ("random_train")."""

@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 from sklearn.cluster import KMeans
 
-from wsi_pipeline.errors import UnknownNameError
+from wsi_pipeline.models.mil.registry import check_choice
 
 Grouping = Literal["kmeans", "sequential", "random", "feature_kmeans"]
 GROUPINGS: tuple[str, ...] = ("kmeans", "sequential", "random", "feature_kmeans")
@@ -88,5 +88,4 @@ def groups_from_labels(labels: np.ndarray) -> list[np.ndarray]:
 
 
 def _check_method(method: str) -> None:
-    if method not in GROUPINGS:
-        raise UnknownNameError(f"unknown grouping {method!r}; choose one of {', '.join(GROUPINGS)}")
+    check_choice("grouping", method, GROUPINGS)

@@ -136,3 +136,10 @@ class GrouplessMixin:
     def make_groups(self, features: Any, coords: Any) -> None:
         """Baselines see the bag as one set: no groups to compute or cache."""
         return None
+
+
+def check_choice(option: str, value: object, choices: Any) -> None:
+    """A wrong name for a model option is one line naming the option and its choices (a Literal or a tuple)."""
+    allowed = getattr(choices, "__args__", choices)
+    if value not in allowed:
+        raise UnknownNameError(f"unknown {option} {value!r}; choose one of {', '.join(map(str, allowed))}")

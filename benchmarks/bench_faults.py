@@ -17,8 +17,9 @@ from pathlib import Path
 
 from common import machine
 
-from wsi_pipeline.testing.launch import ForkedWsip, run_wsip
-from wsi_pipeline.testing.sweep import STAGES, Sweep
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.launch import ForkedWsip, run_wsip  # noqa: E402  (the tests' machinery, not shipped in the package)
+from support.sweep import STAGES, Sweep  # noqa: E402
 
 
 def main() -> int:

@@ -23,14 +23,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from support.checks import TIMING_COLUMNS, workspace_files
+from support.launch import ForkedWsip, can_make_read_only, namespaces_available, read_only_workspace
+from support.sweep import FEATURES, make_cohort
 
 from wsi_pipeline.stages.extract import ExtractParams, extract
 from wsi_pipeline.stages.inputs import resolve_inputs
 from wsi_pipeline.stages.patch import patch
 from wsi_pipeline.stages.train import TrainParams, train
-from wsi_pipeline.testing.checks import TIMING_COLUMNS, workspace_files
-from wsi_pipeline.testing.launch import ForkedWsip, can_make_read_only, namespaces_available, read_only_workspace
-from wsi_pipeline.testing.sweep import FEATURES, make_cohort
 from wsi_pipeline.workspace.layout import MANIFEST, FeatureSet, Layout
 from wsi_pipeline.workspace.manifest import read_manifest
 

@@ -22,20 +22,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from wsi_pipeline.errors import ConfigError, StorageError
-from wsi_pipeline.stages.inputs import resolve_inputs
-from wsi_pipeline.stages.patch import patch
-from wsi_pipeline.stages.train import TrainParams, train
-from wsi_pipeline.testing.checks import differences, workspace_files, workspace_problems
-from wsi_pipeline.testing.launch import (
+from support.checks import differences, workspace_files, workspace_problems
+from support.launch import (
     ForkedWsip,
     can_make_read_only,
     namespaces_available,
     read_only_workspace,
     tmpfs,
 )
-from wsi_pipeline.testing.sweep import STAGES, Sweep, stage_args
+from support.sweep import STAGES, Sweep, stage_args
+
+from wsi_pipeline.errors import ConfigError, StorageError
+from wsi_pipeline.stages.inputs import resolve_inputs
+from wsi_pipeline.stages.patch import patch
+from wsi_pipeline.stages.train import TrainParams, train
 from wsi_pipeline.workspace.layout import Layout, RunDir
 
 FULL_POINTS = int(os.environ.get("WSIP_FAULT_POINTS", "24"))

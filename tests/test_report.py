@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from geojson_spec import spec_errors
+from support.chromium import Chromium, chromium_executable
 from test_cli import PROBE
 from typer.testing import CliRunner
 
@@ -30,7 +31,6 @@ from wsi_pipeline.stages.report import openseadragon as osd
 from wsi_pipeline.stages.report.geojson import GeoJSONParams, export_geojson
 from wsi_pipeline.stages.report.viewer import ViewParams, view
 from wsi_pipeline.stages.train import TrainParams, train
-from wsi_pipeline.testing.chromium import Chromium, chromium_executable
 from wsi_pipeline.testing.synthetic import make_demo_cohort
 from wsi_pipeline.workspace.attention_store import read_attention
 from wsi_pipeline.workspace.layout import Layout

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import yaml
 
+from support.checks import differences, workspace_problems
+from support.launch import run_wsip
 from wsi_pipeline.faults import EVENTS, FAULT_AT_ENV, FAULT_LOG_ENV
 from wsi_pipeline.stages.patch.params import PatchParams
-from wsi_pipeline.testing.checks import differences, workspace_problems
-from wsi_pipeline.testing.launch import run_wsip
 from wsi_pipeline.testing.synthetic import make_demo_cohort
 from wsi_pipeline.workspace.layout import Layout
 

@@ -22,15 +22,15 @@ from typer.testing import CliRunner
 
 from wsi_pipeline.cli import app
 from wsi_pipeline.errors import UserError
+from wsi_pipeline.stages.export import GeoJSONParams, export_geojson
 from wsi_pipeline.stages.extract import ExtractParams, extract
 from wsi_pipeline.stages.inputs import SlideSource, resolve_inputs
 from wsi_pipeline.stages.patch import PatchParams, patch
 from wsi_pipeline.stages.predict import PredictParams, predict
 from wsi_pipeline.stages.report import ReportParams, report
-from wsi_pipeline.stages.report import openseadragon as osd
-from wsi_pipeline.stages.report.geojson import GeoJSONParams, export_geojson
-from wsi_pipeline.stages.report.viewer import ViewParams, view
 from wsi_pipeline.stages.train import TrainParams, train
+from wsi_pipeline.stages.view import ViewParams, view
+from wsi_pipeline.stages.view import openseadragon as osd
 from wsi_pipeline.testing.synthetic import make_demo_cohort
 from wsi_pipeline.workspace.attention_store import read_attention
 from wsi_pipeline.workspace.layout import Layout

@@ -213,8 +213,8 @@ def export_geojson(
     With --run, tiles carry the measurements `attention` and `attention_rank` and the predicted class
     (→ predictions/<run>/<slide_id>.geojson); else → patches/<config>/geojson/<slide_id>.geojson.
     """
-    from wsi_pipeline.stages.report.geojson import GeoJSONParams
-    from wsi_pipeline.stages.report.geojson import export_geojson as export
+    from wsi_pipeline.stages.export import GeoJSONParams
+    from wsi_pipeline.stages.export import export_geojson as export
 
     with user_errors():
         result = export(GeoJSONParams(run=run, patches=patches), out=out)
@@ -232,8 +232,8 @@ def view(
 ) -> None:
     """Zoomable page of a predicted slide: Deep Zoom tiles, attention layer, patch boxes; opens from disk."""
     from wsi_pipeline.slide import is_slide_file
-    from wsi_pipeline.stages.report.viewer import ViewParams
-    from wsi_pipeline.stages.report.viewer import view as write_view
+    from wsi_pipeline.stages.view import ViewParams
+    from wsi_pipeline.stages.view import view as write_view
 
     slide_id = Path(slide).stem if is_slide_file(Path(slide)) else slide
     with user_errors(), console.status("tiling the slide…"):

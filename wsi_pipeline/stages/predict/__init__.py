@@ -27,7 +27,7 @@ from wsi_pipeline.stages.inputs import SlideSource
 from wsi_pipeline.stages.patch import patch
 from wsi_pipeline.stages.predict.annotations import annotation_file, outer_rings, top_k_on_annotation
 from wsi_pipeline.stages.predict.heatmap import percentile_scores, render_heatmap
-from wsi_pipeline.stages.predict.models import find_run, load_fold_models, predict_bag, recorded_stage_params
+from wsi_pipeline.stages.predict.trained_run import find_run, load_fold_models, predict_bag, recorded_stage_params
 from wsi_pipeline.stages.runner import DONE, FAILED, FAILURES
 from wsi_pipeline.stages.train.splits import parse_splits_csv
 from wsi_pipeline.workspace.attention_store import write_attention

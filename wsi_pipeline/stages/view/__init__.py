@@ -25,8 +25,8 @@ import numpy as np
 
 from wsi_pipeline.errors import UserError, name_some
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.stages.report import openseadragon
-from wsi_pipeline.stages.report.viewer_page import viewer_page
+from wsi_pipeline.stages.view import openseadragon
+from wsi_pipeline.stages.view.page import viewer_page
 from wsi_pipeline.workspace.attention_store import Attention, read_attention
 from wsi_pipeline.workspace.files import temp_name
 from wsi_pipeline.workspace.layout import Layout, PredictionSet

@@ -7,17 +7,8 @@ from collections import Counter
 import pytest
 
 from wsi_pipeline.errors import ConfigError
-from wsi_pipeline.stages.train.splits import (
-    PARTS,
-    SplitRow,
-    Splits,
-    make_monte_carlo_splits,
-    make_splits,
-    parse_splits_csv,
-    patient_counts,
-    read_splits,
-    write_splits,
-)
+from wsi_pipeline.stages.train.splits import make_monte_carlo_splits, make_splits, patient_counts, read_splits
+from wsi_pipeline.workspace.run_store import PARTS, SplitRow, Splits, parse_splits_csv, write_splits
 
 
 def cohort(n_patients: int = 30) -> list[tuple[str, str, str]]:

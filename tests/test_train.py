@@ -333,8 +333,8 @@ def test_group_cache_reused_and_invalidated(tmp_path):
         return [np.array([0, 2, 4]), np.array([1, 3])]
 
     cache = tmp_path / "groups" / "key"
-    bags = load_bags({"a": path}, make_groups=make_groups, cache_dir=cache)
-    again = load_bags({"a": path}, make_groups=make_groups, cache_dir=cache)
+    bags = load_bags({"a": path}, make_groups=make_groups, cache_path=lambda sid: cache / f"{sid}.npz")
+    again = load_bags({"a": path}, make_groups=make_groups, cache_path=lambda sid: cache / f"{sid}.npz")
     assert calls == [5] and (cache / "a.npz").is_file()
     assert [g.tolist() for g in again["a"].groups] == [[0, 2, 4], [1, 3]] == [g.tolist() for g in bags["a"].groups]
     assert bags["a"].features.dtype == torch.float32 and bags["a"].coords.shape == (5, 2)

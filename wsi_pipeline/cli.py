@@ -270,27 +270,21 @@ def info(
 def status(out: OutOpt = None) -> None:
     """What is done / failed per stage in the workspace."""
     from wsi_pipeline.workspace.layout import Layout
-    from wsi_pipeline.workspace.manifest import DONE, FAILED, NO_TISSUE, read_manifest
+    from wsi_pipeline.workspace.status import workspace_status
 
-    layout = Layout.at(out)
-    outputs = [*layout.patch_sets(), *layout.feature_sets()]
-    runs = layout.runs()
-    if not outputs and not runs:
-        console.print(f"nothing in {layout.root} yet: start with `wsip patch SLIDES...`")
+    state = workspace_status(Layout.at(out))
+    if state.empty:
+        console.print(f"nothing in {state.root} yet: start with `wsip patch SLIDES...`")
         return
-    table = Table(title=f"workspace {layout.root}")
+    table = Table(title=f"workspace {state.root}")
     for col in ("stage output", "done", "failed", "no tissue", "failures (first 3)"):
         table.add_column(col)
-    for output in outputs:
-        rows = read_manifest(output.manifest)
-        by = {s: [r for r in rows if r["status"] == s] for s in (DONE, FAILED, NO_TISSUE)}
-        first = ", ".join(r["slide_id"] for r in (by[FAILED] + by[NO_TISSUE])[:3])
-        table.add_row(str(output.dir.relative_to(layout.root)), str(len(by[DONE])), str(len(by[FAILED])),
-                      str(len(by[NO_TISSUE])), first)
-    for run in runs:
-        done = sum(f.metrics.is_file() for f in run.trained_folds())
-        table.add_row(str(run.dir.relative_to(layout.root)), f"{done} folds", "", "",
-                      "summary.csv" if run.summary.is_file() else "in progress")
+    for output in state.outputs:
+        table.add_row(output.name, str(output.done), str(output.failed), str(output.no_tissue),
+                      ", ".join(output.first_failures))
+    for run in state.runs:
+        table.add_row(run.name, f"{run.finished_folds} folds", "", "",
+                      "summary.csv" if run.summarized else "in progress")
     out_console.print(table)
 
 

@@ -152,7 +152,7 @@ _READERS: dict[str, Callable[[Path], Any]] = {
 def _manifest_problems(layout: Layout, root: Path) -> list[str]:
     problems = []
     for patch_set in layout.patch_sets():
-        outputs = {p.stem: p for p in (patch_set.dir / "coords").glob("*.h5")}
+        outputs = {p.stem: p for p in patch_set.coords_dir.glob("*.h5")}
         problems += _agree(patch_set.manifest, outputs, lambda p: len(_read_h5(p)["coords"][0]), root)
     for feature_set in layout.feature_sets():
         for folder, count in ((feature_set.h5_dir, lambda p: len(_read_h5(p)["features"][0])),

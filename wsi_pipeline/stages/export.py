@@ -54,7 +54,7 @@ def export_geojson(params: GeoJSONParams = GeoJSONParams(), *, out: str | Path |
                        predictions.geojson)
     patch_set = layout.pick_patch_set(params.patches)
     done = [r["slide_id"] for r in read_manifest(patch_set.manifest) if r["status"] == DONE]
-    return _export(patch_set.dir / "geojson", done, partial(_cohort_features, patch_set), patch_set.geojson)
+    return _export(patch_set.geojson_dir, done, partial(_cohort_features, patch_set), patch_set.geojson)
 
 
 def _export(out_dir: Path, slide_ids: Sequence[str], features_of: Callable[[str], list[Feature]],

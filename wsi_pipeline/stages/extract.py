@@ -267,7 +267,7 @@ def extract(params: ExtractParams = ExtractParams(), *, out: str | Path | Layout
         job = partial(extract_slide, encoder=encoder, params=params, feature_set=feature_set, force=force,
                       on_patches=on_patches)
         current = partial(is_current, encoder=encoder, params=params, feature_set=feature_set)
-        outcomes = runner.run_cohort(job, jobs, slide_id=lambda j: j.slide_id, lock_dir=feature_set.locks,
-                                     manifest=feature_set.manifest, columns=MANIFEST_COLUMNS,
-                                     is_current=lambda j: not force and current(j), on_done=on_done)
+        outcomes = runner.run_cohort(job, jobs, slide_id=lambda j: j.slide_id, outputs=feature_set,
+                                     columns=MANIFEST_COLUMNS, is_current=lambda j: not force and current(j),
+                                     on_done=on_done)
     return ExtractResult(feature_set, outcomes)

@@ -15,12 +15,12 @@ import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from wsi_pipeline import faults
 from wsi_pipeline.errors import UserError, one_line
 from wsi_pipeline.workspace.files import storage_error
+from wsi_pipeline.workspace.layout import StageOutputs
 from wsi_pipeline.workspace.locks import OwnerLock
 from wsi_pipeline.workspace.manifest import DONE, FAILED, FAILURES, NO_TISSUE, manifest_rows, update_manifest
 
@@ -40,15 +40,14 @@ class SlideOutcome:
 Job = Callable[[Any], SlideOutcome]
 
 
-def _guarded(job: Job, item: Any, slide_id: str, lock_dir: Path, manifest: Path,
-             columns: Sequence[str]) -> SlideOutcome:
+def _guarded(job: Job, item: Any, slide_id: str, outputs: StageOutputs, columns: Sequence[str]) -> SlideOutcome:
     """Lock, run, record. Any exception becomes a `failed` row with a one-line reason, except a refused
     write, which stops the cohort.
 
     A CACHED outcome is recorded `done` when the manifest says otherwise (a run killed between writing a
     slide's outputs and its row), so the manifest always agrees with the files.
     """
-    lock = OwnerLock(lock_dir / f"{slide_id}.lock")
+    lock = OwnerLock(outputs.lock(slide_id))
     if not lock.acquire():
         return SlideOutcome(slide_id, BUSY)
     try:
@@ -57,17 +56,17 @@ def _guarded(job: Job, item: Any, slide_id: str, lock_dir: Path, manifest: Path,
         try:
             outcome = job(item)
         except (UserError, OSError, ValueError, KeyError) as exc:
-            if storage_error(exc, lock_dir.parent) is not None:
+            if storage_error(exc, outputs.dir) is not None:
                 raise
             outcome = SlideOutcome(slide_id, FAILED, error=one_line(exc))
         except Exception as exc:  # an unexpected bug must not stop the cohort, but must be visible
             detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
             outcome = SlideOutcome(slide_id, FAILED, error=f"unexpected error: {detail}")
-        if outcome.status != CACHED or manifest_rows(manifest).get(slide_id, {}).get("status") != DONE:
+        if outcome.status != CACHED or manifest_rows(outputs.manifest).get(slide_id, {}).get("status") != DONE:
             status = DONE if outcome.status == CACHED else outcome.status
             row = {"slide_id": slide_id, "slide_path": str(getattr(item, "path", "")), "status": status,
                    "error": outcome.error, "seconds": f"{time.perf_counter() - start:.3f}", **outcome.row}
-            update_manifest(manifest, row, columns)
+            update_manifest(outputs.manifest, row, columns)
             outcome.row = row
     finally:
         lock.release()
@@ -79,8 +78,7 @@ def run_cohort(
     items: Sequence[Any],
     *,
     slide_id: Callable[[Any], str],
-    lock_dir: Path,
-    manifest: Path,
+    outputs: StageOutputs,
     columns: Sequence[str],
     is_current: Callable[[Any], bool],
     workers: int = 1,
@@ -98,7 +96,7 @@ def run_cohort(
         if on_done:
             on_done(outcome)
 
-    done = {sid for sid, row in manifest_rows(manifest).items() if row.get("status") == DONE}
+    done = {sid for sid, row in manifest_rows(outputs.manifest).items() if row.get("status") == DONE}
     todo = []
     for item in items:
         if slide_id(item) in done and is_current(item):
@@ -107,10 +105,10 @@ def run_cohort(
             todo.append(item)
     if workers <= 1 or len(todo) <= 1:
         for item in todo:
-            record(_guarded(job, item, slide_id(item), lock_dir, manifest, columns))
+            record(_guarded(job, item, slide_id(item), outputs, columns))
         return outcomes
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_guarded, job, item, slide_id(item), lock_dir, manifest, columns)
+        futures = [pool.submit(_guarded, job, item, slide_id(item), outputs, columns)
                    for item in todo]
         for future in as_completed(futures):
             record(future.result())

@@ -19,6 +19,7 @@ import numpy as np
 
 from wsi_pipeline import faults
 from wsi_pipeline.workspace.files import save_torch_atomic, write_h5_atomic, write_text_atomic
+from wsi_pipeline.workspace.layout import pt_key
 
 
 class PartialFeatures:
@@ -81,7 +82,7 @@ def write_features(h5_path: Path | None, pt_path: Path | None, features: np.ndar
 
         save_torch_atomic(pt_path, torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
         if h5_path is None:
-            write_text_atomic(pt_path.with_suffix(".key"), str(attrs["cache_key"]))
+            write_text_atomic(pt_key(pt_path), str(attrs["cache_key"]))
     if h5_path is not None:
         def fill(f: h5py.File) -> None:
             f.create_dataset("features", data=features.astype(np.float32, copy=False))
@@ -101,7 +102,7 @@ def features_are_current(h5_path: Path | None, pt_path: Path | None, key: str) -
     """Finished outputs are reused only when every requested file exists and the h5 carries `key`."""
     if pt_path is not None and not pt_path.exists():
         return False
-    probe = h5_path if h5_path is not None else pt_path.with_suffix(".key")
+    probe = h5_path if h5_path is not None else pt_key(pt_path)
     try:
         if h5_path is None:
             return probe.read_text() == key

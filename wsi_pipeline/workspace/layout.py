@@ -32,10 +32,12 @@ from wsi_pipeline.workspace.files import workspace_root
 MANIFEST, PARAMS = "manifest.csv", "params.json"
 SLIDES_FOLDER = "_slides"  # predictions/_slides/: the workspace of slides given to `wsip predict`
 H5_FOLDER, PT_FOLDER = "h5_files", "pt_files"
+FOLD_PREFIX = "fold_"
+VIEWER_PAGE = "index.html"
 
 
 @dataclass(frozen=True)
-class _StageOutputs:
+class StageOutputs:
     """What every per-slide stage writes beside its outputs: a manifest, its params and lock files."""
 
     dir: Path
@@ -56,13 +58,25 @@ class _StageOutputs:
     def locks(self) -> Path:
         return self.dir / ".locks"
 
+    def lock(self, slide_id: str) -> Path:
+        """The slide's owner lock while a worker writes its outputs."""
+        return self.locks / f"{slide_id}.lock"
+
 
 @dataclass(frozen=True)
-class PatchSet(_StageOutputs):
+class PatchSet(StageOutputs):
     """One patching config's outputs: `patches/<name>/`."""
 
+    @property
+    def coords_dir(self) -> Path:
+        return self.dir / "coords"
+
+    @property
+    def geojson_dir(self) -> Path:
+        return self.dir / "geojson"
+
     def coords(self, slide_id: str) -> Path:
-        return self.dir / "coords" / f"{slide_id}.h5"
+        return self.coords_dir / f"{slide_id}.h5"
 
     def qc(self, slide_id: str) -> Path:
         return self.dir / "qc" / f"{slide_id}.jpg"
@@ -73,14 +87,14 @@ class PatchSet(_StageOutputs):
 
     def geojson(self, slide_id: str) -> Path:
         """Tissue + patch tiles for QuPath (`wsip export geojson`)."""
-        return self.dir / "geojson" / f"{slide_id}.geojson"
+        return self.geojson_dir / f"{slide_id}.geojson"
 
     def output_dirs(self) -> tuple[Path, ...]:
-        return self.dir / "coords", self.dir / "qc", self.dir / "masks", self.dir
+        return self.coords_dir, self.dir / "qc", self.dir / "masks", self.dir
 
 
 @dataclass(frozen=True)
-class FeatureSet(_StageOutputs):
+class FeatureSet(StageOutputs):
     """One encoder's features of one patching: `features/<patch config>/<name>/`."""
 
     @property
@@ -101,6 +115,10 @@ class FeatureSet(_StageOutputs):
     def pt(self, slide_id: str) -> Path:
         return self.dir / PT_FOLDER / f"{slide_id}.pt"
 
+    def key(self, slide_id: str) -> Path:
+        """A pt-only feature set's cache key sidecar (a bare tensor has no attrs)."""
+        return pt_key(self.pt(slide_id))
+
     @property
     def partial_dir(self) -> Path:
         """Unfinished slides' feature stores (`partial`), each removed once its slide is done."""
@@ -115,7 +133,13 @@ class FeatureSet(_StageOutputs):
 
 @dataclass(frozen=True)
 class FoldDir:
+    """One fold of a run: `runs/<name>/fold_<k>/`."""
+
     dir: Path
+
+    @property
+    def number(self) -> int:
+        return int(self.dir.name.removeprefix(FOLD_PREFIX))
 
     @property
     def best(self) -> Path:
@@ -177,17 +201,22 @@ class RunDir:
     def groups(self, key: str) -> Path:
         return self.dir / "groups" / key
 
+    def group_cache(self, key: str, slide_id: str) -> Path:
+        """A slide's cached instance groups for the model's group key (`key`)."""
+        return self.groups(key) / f"{slide_id}.npz"
+
     def output_dirs(self) -> tuple[Path, ...]:
         """Every folder the run writes files into (where a killed writer's temp files can be left)."""
-        return self.dir, *sorted(self.dir.glob("fold_*")), *sorted(self.dir.glob("groups/*"))
+        return self.dir, *sorted(self.dir.glob(f"{FOLD_PREFIX}*")), *sorted(self.dir.glob("groups/*"))
 
     def fold(self, k: int) -> FoldDir:
-        return FoldDir(self.dir / f"fold_{k}")
+        return FoldDir(self.dir / f"{FOLD_PREFIX}{k}")
 
     def trained_folds(self) -> list[FoldDir]:
         """Folds with a selected model (`best.pt`), in fold order."""
-        folds = [FoldDir(p) for p in self.dir.glob("fold_*") if p.name[5:].isdigit() and (p / "best.pt").is_file()]
-        return sorted(folds, key=lambda f: int(f.dir.name[5:]))
+        folds = [FoldDir(p) for p in self.dir.glob(f"{FOLD_PREFIX}*")
+                 if p.name.removeprefix(FOLD_PREFIX).isdigit() and FoldDir(p).best.is_file()]
+        return sorted(folds, key=lambda f: f.number)
 
 
 @dataclass(frozen=True)
@@ -217,6 +246,10 @@ class PredictionSet:
     def viewer(self, slide_id: str) -> Path:
         """A self-contained Deep Zoom viewer folder (`index.html` + tiles)."""
         return self.dir / "viewer" / slide_id
+
+    def viewer_page(self, slide_id: str) -> Path:
+        """The viewer's page, the file to open."""
+        return self.viewer(slide_id) / VIEWER_PAGE
 
     def slide_ids(self) -> list[str]:
         """The slides predicted so far, by name."""
@@ -266,29 +299,42 @@ class Layout:
         return [FeatureSet(p.parent) for p in sorted((self.root / "features").glob(f"*/*/{MANIFEST}"))]
 
     # -------------------------------------------------------------------------------------- runs
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
     def run(self, name: str) -> RunDir:
-        return RunDir(self.root / "runs" / name)
+        return RunDir(self.runs_dir / name)
 
     def runs(self) -> list[RunDir]:
-        return [RunDir(p) for p in sorted((self.root / "runs").glob("*")) if p.is_dir()]
+        return [RunDir(p) for p in sorted(self.runs_dir.glob("*")) if p.is_dir()]
 
     # ------------------------------------------------------------------------------- predictions
+    @property
+    def predictions_dir(self) -> Path:
+        return self.root / "predictions"
+
     def predictions(self, run_name: str) -> PredictionSet:
-        return PredictionSet(self.root / "predictions" / run_name)
+        return PredictionSet(self.predictions_dir / run_name)
 
     def prediction_sets(self) -> list[PredictionSet]:
         """Runs' prediction folders (not `_slides`), by run name."""
-        folders = sorted((self.root / "predictions").glob("*"))
+        folders = sorted(self.predictions_dir.glob("*"))
         return [PredictionSet(p) for p in folders if p.is_dir() and p.name != SLIDES_FOLDER]
 
     def prediction_slides(self) -> Layout:
         """The workspace in which slides given to `wsip predict` are patched and encoded."""
-        return Layout(self.root / "predictions" / SLIDES_FOLDER)
+        return Layout(self.predictions_dir / SLIDES_FOLDER)
 
     @property
     def report(self) -> Path:
         """`wsip report`'s one HTML file."""
         return self.root / "report.html"
+
+
+def pt_key(pt_path: Path) -> Path:
+    """`<slide_id>.key` beside a pt file: the cache key of a pt-only feature set."""
+    return pt_path.with_suffix(".key")
 
 
 def feature_set_at(path: Path) -> tuple[Layout, FeatureSet] | None:

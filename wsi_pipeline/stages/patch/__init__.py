@@ -178,7 +178,7 @@ def patch(
         write_json_if_changed(patch_set.params, {**params.to_dict(), "config": patch_set.name})
         outcomes = runner.run_cohort(
             partial(patch_slide, params=params, patch_set=patch_set, force=force), items,
-            slide_id=lambda s: s.slide_id, lock_dir=patch_set.locks, manifest=patch_set.manifest,
+            slide_id=lambda s: s.slide_id, outputs=patch_set,
             columns=MANIFEST_COLUMNS, is_current=lambda s: not force and is_current(s, params=params,
                                                                                    patch_set=patch_set),
             workers=workers, on_done=on_done,

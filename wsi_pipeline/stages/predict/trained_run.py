@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -11,11 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsi_pipeline.errors import UserError, one_line
+from wsi_pipeline.errors import UserError
 from wsi_pipeline.stages.extract import ExtractParams
 from wsi_pipeline.stages.patch import PatchParams
-from wsi_pipeline.stages.train.folds import ModelSpec
 from wsi_pipeline.workspace.layout import Layout, RunDir
+from wsi_pipeline.workspace.run_store import load_best, read_features_record
 
 
 def find_run(layout: Layout, run: str | Path | None) -> RunDir:
@@ -43,24 +42,14 @@ def load_fold_models(run: RunDir, fold: int | None, device: torch.device) -> lis
         raise UserError(f"{run.dir}: incomplete run (no {which}); finish `wsip train` or pick another --run/--fold")
     models = []
     for f in folds:
-        try:
-            checkpoint = torch.load(f.best, map_location="cpu", weights_only=True)
-            meta = checkpoint["meta"]
-            model = ModelSpec(**{**meta["model"], "classes": tuple(meta["model"]["classes"])}).build()
-            model.load_state_dict(checkpoint["model_state"])
-        except (OSError, KeyError, RuntimeError, TypeError, UserError) as exc:
-            raise UserError(f"{f.best}: unreadable checkpoint ({one_line(exc)}); retrain this fold") from None
+        model, meta = load_best(f)
         models.append((model.to(device).eval(), meta))
     return models
 
 
 def recorded_stage_params(run: RunDir) -> tuple[dict[str, Any], PatchParams, ExtractParams]:
     """(the run's features record, its patch params, its extract params): how to process a new slide."""
-    try:
-        record = json.loads(run.features_record.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{run.features_record}: missing or unreadable ({one_line(exc)}); retrain the run with "
-                        "this version of wsip") from None
+    record = read_features_record(run)
     if not record.get("made_by_wsip"):
         raise UserError(f"{run.dir}: trained on features not made by `wsip extract` ({record.get('features')}); "
                         "predict cannot process new slides the same way: encode them with your tool instead")

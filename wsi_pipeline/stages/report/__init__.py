@@ -75,5 +75,5 @@ def report(params: ReportParams = ReportParams(), *, out: str | Path | Layout | 
 def _check_run(name: str, layout: Layout, names: list[str]) -> None:
     if name not in names:
         known = f"runs: {name_some(names)}" if names else "none yet"
-        raise UserError(f"--run {name}: no such run in {layout.root / 'runs'} ({known}); pass one of those or omit "
+        raise UserError(f"--run {name}: no such run in {layout.runs_dir} ({known}); pass one of those or omit "
                         "--run")

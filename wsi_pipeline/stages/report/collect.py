@@ -1,12 +1,12 @@
 """What `wsip report` shows, read from the workspace's own files: manifests, QC images, run folders, predictions.
 
 Nothing is recomputed: fold numbers come from each fold's `metrics.json` (test metrics at the selected epoch,
-confusion matrix included), mean ± std from the run's `summary.csv`, curves from `log.csv` and `preds.csv`.
+confusion matrix included), mean ± std from the run's `summary.csv`, curves from `log.csv` and `preds.csv`,
+all read through `workspace/run_store.py`.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +14,15 @@ from typing import Any
 
 from wsi_pipeline.workspace.layout import Layout, PatchSet, PredictionSet, RunDir
 from wsi_pipeline.workspace.manifest import FAILED, NO_TISSUE, read_manifest
+from wsi_pipeline.workspace.run_store import (
+    finished_folds,
+    read_config_text,
+    read_log,
+    read_metrics,
+    read_preds,
+    read_summary,
+    split_sizes,
+)
 
 # Manifest columns a person reads, in this order (the rest are timings and paths).
 SHOWN_COLUMNS = ("slide_id", "status", "n_patches", "mpp", "mpp_source", "dim", "seconds", "patches_per_s", "error")
@@ -73,13 +82,6 @@ class PredictionItem:
     viewer: Path | None  # viewer/<slide_id>/index.html when `wsip view` made one
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def failures_first(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return sorted(rows, key=lambda r: (_STATUS_ORDER.get(r.get("status", ""), 2), r.get("slide_id", "")))
 
@@ -105,30 +107,18 @@ def qc_items(patch_set: PatchSet) -> list[QCItem]:
 
 
 def run_record(run: RunDir) -> RunRecord:
-    folds = []
-    for fold in run.trained_folds():
-        if fold.metrics.is_file():
-            folds.append(FoldRecord(int(fold.dir.name[5:]), json.loads(fold.metrics.read_text()),
-                                    read_csv(fold.log), read_csv(fold.preds)))
-    summary_rows = {r["fold"]: r for r in read_csv(run.summary)}
-    summary = {}
-    if "mean" in summary_rows and "std" in summary_rows:
-        summary = {k: (summary_rows["mean"][k], summary_rows["std"][k]) for k in summary_rows["mean"]
-                   if k not in ("fold", "selection", "selected_epoch")}
-    sizes: dict[str, dict[str, int]] = {}
-    for row in read_csv(run.splits):
-        split = sizes.setdefault(row["fold"], {"train": 0, "val": 0, "test": 0})
-        split[row["split"]] = split.get(row["split"], 0) + 1
+    folds = [FoldRecord(fold.number, read_metrics(fold), read_log(fold), read_preds(fold))
+             for fold in finished_folds(run)]
     preds = folds[0].preds if folds else []
     classes = tuple(k[5:] for k in (preds[0] if preds else {}) if k.startswith("prob_"))
-    config = run.config.read_text() if run.config.is_file() else ""
-    return RunRecord(run.name, config, classes, sorted(sizes.items(), key=lambda kv: int(kv[0])), folds, summary)
+    sizes = [(str(fold), parts) for fold, parts in split_sizes(run)]
+    return RunRecord(run.name, read_config_text(run), classes, sizes, folds, read_summary(run))
 
 
 def prediction_items(predictions: PredictionSet) -> list[PredictionItem]:
     items = []
     for slide_id in predictions.slide_ids():
-        heatmap, viewer = predictions.heatmap(slide_id), predictions.viewer(slide_id) / "index.html"
+        heatmap, viewer = predictions.heatmap(slide_id), predictions.viewer_page(slide_id)
         items.append(PredictionItem(slide_id, json.loads(predictions.record(slide_id).read_text()),
                                     heatmap if heatmap.is_file() else None, viewer if viewer.is_file() else None))
     return items

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +32,16 @@ from wsi_pipeline.device import resolve_device
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.stages.train.bags import Bag, load_bags
 from wsi_pipeline.stages.train.config import TrainConfig, config_from_dict, config_to_dict, dump_config, load_config
-from wsi_pipeline.stages.train.folds import FoldData, ModelSpec, read_metrics, run_fold
+from wsi_pipeline.stages.train.folds import FoldData, run_fold
 from wsi_pipeline.stages.train.labels import LabelledSlides, load_labelled_slides
-from wsi_pipeline.stages.train.metrics import summarize
+from wsi_pipeline.stages.train.metrics import SCALARS, summarize
 from wsi_pipeline.stages.train.progress import FoldProgress, ProgressLike
-from wsi_pipeline.stages.train.report import describe_splits, write_report, write_summary_csv
+from wsi_pipeline.stages.train.report import describe_splits, write_report
 from wsi_pipeline.stages.train.rundir import open_run
-from wsi_pipeline.stages.train.splits import Splits, make_monte_carlo_splits, make_splits, read_splits
+from wsi_pipeline.stages.train.splits import make_monte_carlo_splits, make_splits, read_splits
 from wsi_pipeline.workspace.files import storage_errors
 from wsi_pipeline.workspace.layout import RunDir
+from wsi_pipeline.workspace.run_store import ModelSpec, Splits, read_metrics, write_summary
 
 __all__ = ["TrainParams", "TrainResult", "train"]
 log = logging.getLogger(__name__)
@@ -83,7 +85,7 @@ def train(params: TrainParams, *, progress: ProgressLike | None = None) -> Train
         results, bar = [], FoldProgress(progress)
         for fold in splits.folds:
             if fold not in todo:
-                results.append(FoldResult(fold, "done", read_metrics(run.fold(fold).metrics)))
+                results.append(FoldResult(fold, "done", read_metrics(run.fold(fold))))
                 bar.skipped(fold)
                 continue
             log.info("fold %d: training on %s", fold, device)
@@ -96,7 +98,7 @@ def train(params: TrainParams, *, progress: ProgressLike | None = None) -> Train
             log.info("fold %d: test %s", fold, {k: metrics["test"][k] for k in ("accuracy", "auc", "f1")})
         fold_metrics = [r.metrics for r in results]
         summary = summarize([m["test"] for m in fold_metrics])
-        write_summary_csv(run.summary, fold_metrics, summary)
+        write_summary(run, fold_metrics, summary, SCALARS)
         write_report(run.report, name=cfg.name, classes=slides.classes, folds=fold_metrics, summary=summary,
                      config_yaml=dump_config(cfg), splits=describe_splits(cfg.splits))
     return TrainResult(run.dir, slides.classes, results, summary)
@@ -137,7 +139,7 @@ def _load_bags(
     probe = spec.build()
     key = probe.group_cache_key
     log.info("loading %d bags%s", len(h5_paths), f" (groups: {key})" if key else "")
-    bags = load_bags(h5_paths, make_groups=probe.make_groups, cache_dir=run.groups(key) if key else None)
+    bags = load_bags(h5_paths, make_groups=probe.make_groups, cache_path=partial(run.group_cache, key) if key else None)
     fit = getattr(probe, "cohort_options", None)
     if fit is None:
         return bags, spec

@@ -35,8 +35,10 @@ class Bag:
     groups: list[np.ndarray] | None  # instance indices per group, or None for models without groups
 
 
-def load_bags(h5_paths: dict[str, Path], *, make_groups: GroupFn, cache_dir: Path | None) -> dict[str, Bag]:
-    """Read every slide once, with its groups (see `slide_groups`); `cache_dir` None: no disk cache."""
+def load_bags(h5_paths: dict[str, Path], *, make_groups: GroupFn,
+              cache_path: Callable[[str], Path] | None) -> dict[str, Bag]:
+    """Read every slide once, with its groups (see `slide_groups`); `cache_path(slide_id)`: where its groups
+    are cached (`RunDir.group_cache`), None: no disk cache."""
     bags = {}
     for slide_id, path in h5_paths.items():
         features, coords = read_bag(path)
@@ -44,9 +46,9 @@ def load_bags(h5_paths: dict[str, Path], *, make_groups: GroupFn, cache_dir: Pat
             bad = int((~np.isfinite(features)).any(axis=1).sum())
             raise ConfigError(f"{path}: {bad} patch(es) have NaN/inf features; re-extract this slide "
                               "(`wsip extract --force`) or drop it from the labels CSV")
-        cache_path = None if cache_dir is None else cache_dir / f"{slide_id}.npz"
         try:
-            groups = slide_groups(path, features, coords, make_groups=make_groups, cache_path=cache_path)
+            groups = slide_groups(path, features, coords, make_groups=make_groups,
+                                  cache_path=None if cache_path is None else cache_path(slide_id))
         except UserError as exc:  # e.g. coords that do not fit the model's grid: name the slide
             raise type(exc)(f"{path}: {exc}") from None
         bags[slide_id] = Bag(slide_id, torch.from_numpy(features), torch.from_numpy(coords), groups)

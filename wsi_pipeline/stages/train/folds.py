@@ -18,20 +18,12 @@ exact run an uninterrupted one would have made.
 
 A step whose loss is not finite (a diverging run: too high a learning rate, extreme features), or a model
 whose val/test output is not finite, stops the fold with one ConfigError line naming the slide; the epoch is
-not saved, so no NaN model is ever selected as `best.pt`. `metrics.json` is strict JSON: an undefined AUC
-is written as null and read back as NaN (:func:`read_metrics`).
-
-Checkpoints (`torch.load(path, weights_only=True)` reads both): `best.pt` = {"model_state": state_dict,
-"meta": {"model": {"name", "options", "in_dim", "classes"}, "fold", "epoch", "val_score", "run", "features",
-"seed"}}; rebuild with `create_model(name, in_dim=in_dim, n_classes=len(classes), **options)`. `last.pt` adds
-"optimizer", "rng" and "fold_state".
+not saved, so no NaN model is ever selected as `best.pt`. The fold's files (checkpoints, log, preds,
+metrics.json) and their formats are `workspace/run_store.py`'s.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -44,13 +36,20 @@ import torch
 
 from wsi_pipeline import faults
 from wsi_pipeline.errors import ConfigError
-from wsi_pipeline.models.mil import bag_loss, create_model
+from wsi_pipeline.models.mil import bag_loss
 from wsi_pipeline.models.mil.standardize import StandardizedInput
 from wsi_pipeline.stages.train.bags import Bag
 from wsi_pipeline.stages.train.config import OptimConfig
 from wsi_pipeline.stages.train.metrics import SCALARS, classification_metrics, selection_score
-from wsi_pipeline.workspace.files import atomic_write, save_torch_atomic, write_json_atomic, write_text_if_changed
 from wsi_pipeline.workspace.layout import FoldDir
+from wsi_pipeline.workspace.run_store import (
+    ModelSpec,
+    read_checkpoint,
+    save_checkpoint,
+    write_log,
+    write_metrics,
+    write_preds,
+)
 
 _FALLBACK_NOTE = "training ended before any epoch was eligible (epoch > select_after): last epoch used"
 EpochHook = Callable[[int, dict[str, Any]], None]  # (epoch, log row) after each finished epoch
@@ -69,21 +68,6 @@ class FoldData:
     test: Sequence[str]
     labels: dict[str, int]
     bags: dict[str, Bag]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to rebuild the model; stored as `meta` in the checkpoints for `wsip predict`."""
-
-    name: str
-    options: dict[str, Any]
-    in_dim: int
-    classes: tuple[str, ...]
-    standardize: bool = False  # z-score features with the fold's training statistics (data.standardize)
-
-    def build(self) -> torch.nn.Module:
-        model = create_model(self.name, in_dim=self.in_dim, n_classes=len(self.classes), **self.options)
-        return StandardizedInput(model, self.in_dim) if self.standardize else model
 
 
 @dataclass
@@ -147,7 +131,7 @@ def run_fold(
                               f"was not saved: lower optim.lr (now {optim.lr:g}) or check that slide's features"
                               ) from None
         if selected:
-            _save_checkpoint(out.best, model, {**meta, "epoch": epoch, "val_score": score})
+            save_checkpoint(out.best, model, {**meta, "epoch": epoch, "val_score": score})
             state.counter = 0
         else:
             state.counter += 1
@@ -155,7 +139,7 @@ def run_fold(
         row = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": val[k] for k in SCALARS}}
         state.log.append({**row, "val_score": score, "selected": int(selected)})
         _save_last(last_path, model, optimizer, shuffle, state, meta)
-        _write_log(out.log, state.log)
+        write_log(out, state.log)
         if on_epoch is not None:
             on_epoch(epoch, state.log[-1])
     return _finish(state, model, data, spec=spec, device=device, out=out, meta=meta)
@@ -241,15 +225,16 @@ def _finish(
 ) -> dict[str, Any]:
     """Write preds.csv, the log (a run killed between `last.pt` and `log.csv` of its final epoch resumes
     straight here) and, last (it marks the fold done), metrics.json."""
-    _write_log(out.log, state.log)
+    write_log(out, state.log)
     selection = "best_val"
     if state.best_epoch < 0:  # no epoch was eligible: fall back to the last one
         selection = "last_epoch"
         val_probs = predict_probs(model, data, data.val, device)
         val = classification_metrics([data.labels[s] for s in data.val], val_probs)
         _select(state, model, data, epoch=state.epoch, score=selection_score(val), val=val, device=device)
-        _save_checkpoint(out.best, model, {**meta, "epoch": state.epoch, "val_score": state.best_score})
-    _write_preds(out.preds, data, spec.classes, state.best_test_probs or [])
+        save_checkpoint(out.best, model, {**meta, "epoch": state.epoch, "val_score": state.best_score})
+    write_preds(out, spec.classes, [(s, spec.classes[data.labels[s]], p)
+                                    for s, p in zip(data.test, state.best_test_probs or [], strict=True)])
     metrics = {
         "fold": meta["fold"],
         "selection": selection,
@@ -260,22 +245,8 @@ def _finish(
         "val": state.best_val,
         "test": state.best_test,
     }
-    write_json_atomic(out.metrics, metrics)
+    write_metrics(out, metrics)
     return metrics
-
-
-def read_metrics(path: Path) -> dict[str, Any]:
-    """A finished fold's metrics.json as `run_fold` returned it: null (an undefined metric) back to NaN."""
-    metrics = json.loads(path.read_text())
-    for part in ("val", "test"):
-        for name in SCALARS:
-            if metrics[part].get(name, 0.0) is None:
-                metrics[part][name] = math.nan
-    return metrics
-
-
-def _save_checkpoint(path: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
-    save_torch_atomic(path, {"model_state": model.state_dict(), "meta": meta})
 
 
 def _save_last(
@@ -293,14 +264,13 @@ def _save_last(
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "shuffle": shuffle.get_state(),
     }
-    payload = {"model_state": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}
-    save_torch_atomic(path, {**payload, "fold_state": asdict(state), "meta": meta})
+    save_checkpoint(path, model, meta, optimizer=optimizer.state_dict(), rng=rng, fold_state=asdict(state))
 
 
 def _restore(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, shuffle: torch.Generator
 ) -> FoldState:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
     model.load_state_dict(ckpt["model_state"])
     optimizer.load_state_dict(ckpt["optimizer"])
     rng = ckpt["rng"]
@@ -318,19 +288,3 @@ def _numpy_state() -> tuple[Any, ...]:
     """numpy's global state with the key as a list, so the checkpoint loads with weights_only=True."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
     return kind, key.tolist(), pos, has_gauss, gauss
-
-
-def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_if_changed(path, text.getvalue())
-
-
-def _write_preds(path: Path, data: FoldData, classes: Sequence[str], probs: list[list[float]]) -> None:
-    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["slide_id", "label", *(f"prob_{c}" for c in classes)])
-        for slide_id, row in zip(data.test, probs, strict=True):
-            writer.writerow([slide_id, classes[data.labels[slide_id]], *(repr(p) for p in row)])

@@ -21,7 +21,7 @@ from wsi_pipeline.errors import ConfigError, name_some
 from wsi_pipeline.models.mil import create_model
 from wsi_pipeline.stages.train.config import TrainConfig
 from wsi_pipeline.workspace.coords_store import coords_attrs
-from wsi_pipeline.workspace.layout import H5_FOLDER, feature_set_at
+from wsi_pipeline.workspace.layout import H5_FOLDER, FeatureSet, feature_set_at
 from wsi_pipeline.workspace.manifest import manifest_rows
 
 
@@ -45,8 +45,9 @@ def load_labelled_slides(cfg: TrainConfig) -> LabelledSlides:
     rows = read_labels(cfg.data.labels)
     classes = _class_order(rows, cfg.data.classes, labels_path=cfg.data.labels, source=cfg.source)
     h5_dir = _h5_folder(cfg.data.features)
+    feature_set = FeatureSet(cfg.data.features)
     slides = tuple(
-        SlideRecord(slide_id=sid, label=classes.index(label), case_id=case, h5_path=h5_dir / f"{sid}.h5")
+        SlideRecord(slide_id=sid, label=classes.index(label), case_id=case, h5_path=feature_set.h5(sid))
         for sid, label, case in rows
     )
     _check_h5_present(slides, h5_dir=h5_dir, labels_path=cfg.data.labels)

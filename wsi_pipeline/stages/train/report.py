@@ -1,14 +1,12 @@
-"""A run's summary files: `summary.csv` (one row per fold, then mean and std rows) and `report.md`.
+"""A run's `report.md` (its `summary.csv` is written by `workspace/run_store.py`).
 
 Numbers are test metrics at each fold's selected epoch; mean ± std uses the population std (ddof=0),
-see :mod:`wsi_pipeline.stages.train.metrics`. Both are rewritten only when their text changes, so training
+see :mod:`wsi_pipeline.stages.train.metrics`. It is rewritten only when its text changes, so training
 a finished run again writes nothing.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,22 +14,6 @@ from typing import Any
 from wsi_pipeline.stages.train.config import SplitsConfig
 from wsi_pipeline.stages.train.metrics import SCALARS
 from wsi_pipeline.workspace.files import write_text_if_changed
-
-SUMMARY_COLUMNS = ("fold", "selection", "selected_epoch", *SCALARS)
-
-
-def write_summary_csv(
-    path: Path, folds: Sequence[Mapping[str, Any]], summary: Mapping[str, tuple[float, float]]
-) -> None:
-    """`folds` are the metrics.json dicts of each fold."""
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(SUMMARY_COLUMNS)
-    for m in folds:
-        writer.writerow([m["fold"], m["selection"], m["selected_epoch"], *(m["test"][k] for k in SCALARS)])
-    for i, row_name in enumerate(("mean", "std")):
-        writer.writerow([row_name, "", "", *(summary[k][i] for k in SCALARS)])
-    write_text_if_changed(path, text.getvalue())
 
 
 def write_report(

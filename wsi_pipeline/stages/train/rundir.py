@@ -23,10 +23,17 @@ import yaml
 
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.stages.train.config import TrainConfig, config_from_dict, config_to_dict, dump_config
-from wsi_pipeline.stages.train.splits import Splits, parse_splits_csv, write_splits
-from wsi_pipeline.workspace.files import json_text, remove_stale_temps, write_json_if_changed, write_text_if_changed
+from wsi_pipeline.workspace.files import json_text, remove_stale_temps
 from wsi_pipeline.workspace.layout import RunDir, feature_set_at
 from wsi_pipeline.workspace.locks import OwnerLock
+from wsi_pipeline.workspace.run_store import (
+    Splits,
+    parse_splits_csv,
+    read_config_text,
+    write_config,
+    write_features_record,
+    write_splits,
+)
 
 log = logging.getLogger(__name__)
 _NOT_EXPERIMENT = ("device", "out")  # keys that may change between a run and its resume
@@ -56,7 +63,7 @@ def _prepare(cfg: TrainConfig, splits: Splits, run: RunDir, *, force: bool) -> N
         log.warning("removing existing run %s (force)", run.dir)
         shutil.rmtree(run.dir)
     if run.config.is_file():
-        changed = _changed_keys(_as_resolved_now(yaml.safe_load(run.config.read_text()) or {}), config_to_dict(cfg))
+        changed = _changed_keys(_as_resolved_now(yaml.safe_load(read_config_text(run)) or {}), config_to_dict(cfg))
         if changed:
             raise ConfigError(
                 f"{run.config}: run '{cfg.name}' was started with a different config (changed: "
@@ -69,10 +76,10 @@ def _prepare(cfg: TrainConfig, splits: Splits, run: RunDir, *, force: bool) -> N
         )
     run.dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(*run.output_dirs())
-    write_text_if_changed(run.config, dump_config(cfg))
+    write_config(run, dump_config(cfg))
     if not run.splits.is_file():  # else equal to `splits` (checked above)
         write_splits(splits, run.splits)
-    write_json_if_changed(run.features_record, features_record(cfg))
+    write_features_record(run, features_record(cfg))
 
 
 def _finished_as_is(cfg: TrainConfig, splits: Splits, run: RunDir) -> bool:

@@ -12,41 +12,19 @@ Monte-Carlo splits "fold" is the repeat index.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
 from wsi_pipeline.errors import ConfigError, name_some
-from wsi_pipeline.workspace.files import atomic_write
+from wsi_pipeline.workspace.run_store import PARTS, SplitRow, Splits, parse_splits_csv
 
-PARTS = ("train", "val", "test")
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SplitRow:
-    fold: int
-    split: str  # train | val | test
-    slide_id: str
-
-
-@dataclass(frozen=True)
-class Splits:
-    rows: tuple[SplitRow, ...]
-
-    @property
-    def folds(self) -> list[int]:
-        return sorted({r.fold for r in self.rows})
-
-    def ids(self, fold: int, split: str) -> list[str]:
-        return [r.slide_id for r in self.rows if r.fold == fold and r.split == split]
 
 
 def make_splits(
@@ -143,24 +121,6 @@ def read_splits(path: Path, *, known: Mapping[str, str]) -> Splits:
     return splits
 
 
-def parse_splits_csv(path: Path) -> Splits:
-    """The rows of a `fold,split,slide_id` CSV, format-checked only."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: splits file not found (fix splits.file)")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
-        if not {"fold", "split", "slide_id"} <= set(reader.fieldnames):
-            raise ConfigError(f"{path}: needs columns fold,split,slide_id (found: {', '.join(reader.fieldnames)})")
-        return Splits(
-            tuple(
-                _parse_row(path, reader.line_num, *((r.get(k) or "").strip() for k in ("fold", "split", "slide_id")))
-                for r in reader
-                if any((v or "").strip() for v in r.values())
-            )
-        )
-
-
 def validate_splits(splits: Splits, *, source: Path | str) -> None:
     """Every fold has train, val and test slides, and no slide sits in two partitions of a fold."""
     if not splits.rows:
@@ -173,13 +133,6 @@ def validate_splits(splits: Splits, *, source: Path | str) -> None:
         empty = [part for part in PARTS if not splits.ids(fold, part)]
         if empty:
             raise ConfigError(f"{source}: fold {fold} has no {'/'.join(empty)} slides (every fold needs all three)")
-
-
-def write_splits(splits: Splits, path: Path) -> None:
-    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["fold", "split", "slide_id"])
-        writer.writerows((r.fold, r.split, r.slide_id) for r in splits.rows)
 
 
 def _patients(slides: Sequence[tuple[str, str, str]]) -> tuple[dict[str, list[str]], np.ndarray]:
@@ -232,14 +185,6 @@ def _check_enough_patients(labels: np.ndarray, *, folds: int, source: str) -> No
             f"{source}: too few patients for {folds}-fold splits: class(es) {list(scarce)} have "
             f"{list(scarce.values())} patient(s) (need >= {folds} each; lower splits.folds or add data)"
         )
-
-
-def _parse_row(path: Path, line: int, fold: str, split: str, slide_id: str) -> SplitRow:
-    if split not in PARTS or not slide_id or not fold.lstrip("-").isdigit():
-        raise ConfigError(
-            f"{path}: line {line} ({fold},{split},{slide_id}) is not <int fold>,<train|val|test>,<slide_id>"
-        )
-    return SplitRow(int(fold), split, slide_id)
 
 
 def _warn_patient_leaks(splits: Splits, case_of: Mapping[str, str]) -> None:

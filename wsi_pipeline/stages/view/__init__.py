@@ -29,7 +29,7 @@ from wsi_pipeline.stages.view import openseadragon
 from wsi_pipeline.stages.view.page import viewer_page
 from wsi_pipeline.workspace.attention_store import Attention, read_attention
 from wsi_pipeline.workspace.files import temp_name
-from wsi_pipeline.workspace.layout import Layout, PredictionSet
+from wsi_pipeline.workspace.layout import VIEWER_PAGE, Layout, PredictionSet
 
 __all__ = ["ViewParams", "ViewResult", "view"]
 OVERLAY_MAX_PX = 4096  # longer side of the attention overlay image (before tiling)
@@ -75,13 +75,13 @@ def view(params: ViewParams, *, out: str | Path | Layout | None = None) -> ViewR
             page = viewer_page(slide_id=params.slide, run=predictions.run_name, record=record,
                                slide_size=slide_size, overlay_size=overlay.size, level0=slide.dimensions,
                                boxes=_boxes_path(attention), tile_size=params.tile_size)
-        (staging / "index.html").write_text(page)
+        (staging / VIEWER_PAGE).write_text(page)
         shutil.copytree(osd, staging / "openseadragon")
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ViewResult(target / "index.html", tiles, time.perf_counter() - start)
+    return ViewResult(predictions.viewer_page(params.slide), tiles, time.perf_counter() - start)
 
 
 def _prediction_set(layout: Layout, params: ViewParams) -> PredictionSet:
@@ -96,7 +96,7 @@ def _prediction_set(layout: Layout, params: ViewParams) -> PredictionSet:
     if len(holders) == 1:
         return holders[0]
     if not holders:
-        raise UserError(f"{layout.root / 'predictions'}: no run has predicted slide '{params.slide}'; run "
+        raise UserError(f"{layout.predictions_dir}: no run has predicted slide '{params.slide}'; run "
                         "`wsip predict SLIDE --run NAME` first (the slide id is the file name without extension)")
     raise UserError(f"slide '{params.slide}' was predicted by several runs ({name_some(p.run_name for p in holders)}); "
                     "pass --run NAME")

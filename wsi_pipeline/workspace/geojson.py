@@ -5,7 +5,8 @@ One Feature per tissue region (a Polygon: its outer ring, then its holes), `obje
 slide's predicted class) so QuPath can colour tiles by either. Rings are closed and oriented as RFC 7946 asks
 (outer counter-clockwise, holes clockwise, in the numbers as written). Regions are written largest first, so a
 reader that paints polygons in order (`wsip patch --masks`) never erases an island lying in an earlier
-region's hole. See docs/report.md.
+region's hole. See docs/report.md. A user's own regions (`wsip patch --masks`, `wsip predict --annotations`)
+are read here too, in any GeoJSON shape QuPath exports.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_pipeline.errors import UserError, one_line
+from wsi_pipeline.errors import SlideError, UserError, one_line
 from wsi_pipeline.workspace.files import write_text_atomic
 
 TISSUE_CLASS = {"name": "Tissue", "color": [0, 160, 0]}
@@ -90,3 +91,36 @@ def read_features(path: Path, *, fix: str) -> list[Feature]:
         return list(json.loads(path.read_text())["features"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: unreadable GeoJSON ({one_line(exc)}); {fix}") from None
+
+
+def read_geojson(path: Path) -> object:
+    """A GeoJSON file's content; an unreadable one is a one-line error."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SlideError(f"{path}: unreadable GeoJSON ({exc}); export it again from QuPath") from None
+
+
+def geojson_rings(data: object) -> list[tuple[list, bool]]:
+    """(ring, is_outer) for every Polygon/MultiPolygon in a Feature, FeatureCollection, list or geometry."""
+    if isinstance(data, list):
+        return [r for item in data for r in geojson_rings(item)]
+    if not isinstance(data, dict):
+        return []
+    if data.get("type") == "FeatureCollection":
+        return geojson_rings(data.get("features", []))
+    if data.get("type") == "Feature":
+        return geojson_rings(data.get("geometry"))
+    polygons = {"Polygon": [data.get("coordinates", [])], "MultiPolygon": data.get("coordinates", [])}
+    rings = []
+    for polygon in polygons.get(data.get("type"), []):
+        rings += [(ring, j == 0) for j, ring in enumerate(polygon)]
+    return rings
+
+
+def region_file(folder: Path | None, slide_id: str, suffixes: Sequence[str] = (".geojson", ".json", ".png")
+                ) -> Path | None:
+    """`<folder>/<slide_id><suffix>` for the first suffix present (a user's tissue mask or annotations), or None."""
+    if folder is None:
+        return None
+    return next((p for p in (folder / f"{slide_id}{suffix}" for suffix in suffixes) if p.is_file()), None)

@@ -105,7 +105,7 @@ def patch_slide(source: SlideSource, *, params: PatchParams, patch_set: PatchSet
         plan = plan_read(slide, params)
         t = time.perf_counter()
         sharper = qc.qc_read(slide, params.segment.seg_mpp)
-        tissue = segment_tissue(slide, params.segment, user_mask=_user_mask(params.masks, source.slide_id),
+        tissue = segment_tissue(slide, params.segment, user_mask=geojson.region_file(params.masks, source.slide_id),
                                 sharper=sharper)
         timings["segment_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -143,15 +143,6 @@ def is_current(source: SlideSource, *, params: PatchParams, patch_set: PatchSet)
         return False
     return (coords_are_current(patch_set.coords(source.slide_id), slide_key(params, source), fingerprint)
             and patch_set.mask(source.slide_id).is_file())
-
-
-def _user_mask(folder: Path | None, slide_id: str) -> Path | None:
-    if folder is None:
-        return None
-    for suffix in (".geojson", ".json", ".png"):
-        if (candidate := folder / f"{slide_id}{suffix}").exists():
-            return candidate
-    return None
 
 
 def patch(

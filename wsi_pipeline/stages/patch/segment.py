@@ -11,7 +11,6 @@ same. `tissue="auto"` picks it when the segmentation image is mostly dark.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from wsi_pipeline.slide import Slide, SlideError
 from wsi_pipeline.units import MPP, Microns, SquareMicrons
+from wsi_pipeline.workspace.geojson import geojson_rings, read_geojson
 
 TISSUE_MODES = ("auto", "brightfield", "fluorescence")
 DARK_MEDIAN = 100  # auto: a segmentation image whose median brightness (0–255) is below this is fluorescence
@@ -155,31 +155,6 @@ def load_user_mask(path: Path, shape: tuple[int, int], downsample: float) -> np.
     if image is None:
         raise SlideError(f"{path}: unreadable mask image; use a PNG (non-zero = tissue) or a GeoJSON")
     return (cv2.resize(image, (w, h), interpolation=cv2.INTER_NEAREST) > 0).astype(np.uint8) * 255
-
-
-def read_geojson(path: Path) -> object:
-    """A GeoJSON file's content; an unreadable one is a one-line error."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SlideError(f"{path}: unreadable GeoJSON ({exc}); export it again from QuPath") from None
-
-
-def geojson_rings(data: object) -> list[tuple[list, bool]]:
-    """(ring, is_outer) for every Polygon/MultiPolygon in a Feature, FeatureCollection, list or geometry."""
-    if isinstance(data, list):
-        return [r for item in data for r in geojson_rings(item)]
-    if not isinstance(data, dict):
-        return []
-    if data.get("type") == "FeatureCollection":
-        return geojson_rings(data.get("features", []))
-    if data.get("type") == "Feature":
-        return geojson_rings(data.get("geometry"))
-    polygons = {"Polygon": [data.get("coordinates", [])], "MultiPolygon": data.get("coordinates", [])}
-    rings = []
-    for polygon in polygons.get(data.get("type"), []):
-        rings += [(ring, j == 0) for j, ring in enumerate(polygon)]
-    return rings
 
 
 def segment_tissue(slide: Slide, params: SegmentParams = SegmentParams(), *, user_mask: Path | None = None,

@@ -12,16 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from wsi_pipeline.stages.patch.grid import box_fractions
-from wsi_pipeline.stages.patch.segment import geojson_rings, load_user_mask, read_geojson
+from wsi_pipeline.stages.patch.segment import load_user_mask
+from wsi_pipeline.workspace.geojson import geojson_rings, read_geojson, region_file
 
 MASK_DOWNSAMPLE = 8.0  # level-0 px per mask px: fine enough for patch-sized regions
 
 
 def annotation_file(folder: Path | None, slide_id: str) -> Path | None:
     """`<folder>/<slide_id>.geojson` (or `.json`) when it exists."""
-    if folder is None:
-        return None
-    return next((p for p in (folder / f"{slide_id}.geojson", folder / f"{slide_id}.json") if p.is_file()), None)
+    return region_file(folder, slide_id, (".geojson", ".json"))
 
 
 def outer_rings(path: Path) -> list[np.ndarray]:

@@ -3,8 +3,8 @@ right, how training went, where the model looks (docs/report.md).
 
 `report(ReportParams(run="esca"), out="wsip_out")` does from Python what `wsip report --run esca` does. The
 page (`<out>/report.html`, `Layout.report`) embeds every image (bounded thumbnails, SVG plots), so it opens from
-disk, offline, and can be mailed. Other result views live beside it: `export_geojson` (QuPath) and `view`
-(a zoomable Deep Zoom viewer of a predicted slide).
+disk, offline, and can be mailed. The other result views are stages of their own: `stages/export.py` (GeoJSON
+for QuPath) and `stages/view/` (a zoomable Deep Zoom viewer of a predicted slide).
 """
 
 from __future__ import annotations

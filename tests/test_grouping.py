@@ -117,6 +117,25 @@ def test_registry_lists_models_and_does_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_models_register_themselves_and_list_by_pattern(monkeypatch) -> None:
+    from wsi_pipeline.models.mil import create_model, model_options, register_model, registry
+
+    assert list_models("*mamba*") == ["2dmamba", "gmmamba", "mambamil"]
+    assert list_models("clam*") == ["clam_sb"]
+    for name in list_models():  # importing the module found for a name registers that very name
+        assert isinstance(model_options(name), list)
+    monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))
+    monkeypatch.setattr(registry, "_OPTIONS", dict(registry._OPTIONS))
+
+    @register_model("tiny_elsewhere")
+    class Tiny:  # a model registered outside the package (imported by the caller) is listed and built too
+        def __init__(self, in_dim: int, n_classes: int, *, width: int = 2) -> None:
+            self.width = width
+
+    assert "tiny_elsewhere" in list_models("tiny*")
+    assert create_model("tiny_elsewhere", in_dim=4, n_classes=2, width=3).width == 3
+
+
 def test_unknown_model_name_is_a_clear_error() -> None:
     from wsi_pipeline.models.mil import create_model
 

@@ -1,9 +1,11 @@
 """MIL model registry: `create_model(name, in_dim, n_classes, **options)` in the style of timm.
 
-The CLI must start without importing torch, so the registry keeps a plain name → module table and imports
-a model's module only when that model is created; importing the module runs its `@register_model`
-decorator. A model is registered as its class: its keyword-only constructor parameters are its options, so
-an unknown name or option is a one-line `UnknownNameError` listing what exists.
+A model registers itself with `@register_model("name")` on its class, as in timm; `list_models("*mamba*")`
+lists names matching a pattern. The CLI must start without importing torch, so the names are read from the
+decorators in this package's source files (parsed, not imported: no table to keep in step) and a model's
+module is imported only when that model is created, which runs its decorator. A model registered from
+elsewhere (imported by the caller) is listed as well. A model's keyword-only constructor parameters are its
+options, so an unknown name or option is a one-line `UnknownNameError` listing what exists.
 
 The contract every registered model keeps (the trainer and predictor rely on it)::
 
@@ -29,28 +31,19 @@ See docs/baselines.md.
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import importlib
 import inspect
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from wsi_pipeline.errors import UnknownNameError
 
-# name -> module that defines (and registers) it. Lazy: nothing here is imported until create_model.
-_MODEL_MODULES: dict[str, str] = {
-    "gmmamba": "wsi_pipeline.models.mil.gmmamba",
-    "2dmamba": "wsi_pipeline.models.mil.mamba2d",
-    "abmil": "wsi_pipeline.models.mil.abmil",
-    "transmil": "wsi_pipeline.models.mil.transmil",
-    "mambamil": "wsi_pipeline.models.mil.mambamil",
-    "acmil": "wsi_pipeline.models.mil.acmil",
-    "clam_sb": "wsi_pipeline.models.mil.clam",
-    "dsmil": "wsi_pipeline.models.mil.dsmil",
-    "mean": "wsi_pipeline.models.mil.pooling",
-    "max": "wsi_pipeline.models.mil.pooling",
-}
-
 _BUILDERS: dict[str, Callable[..., Any]] = {}
+_DECORATOR = re.compile(r"""^@register_model\(\s*["']([^"']+)["']""", re.MULTILINE)
 M = TypeVar("M", bound=Callable[..., Any])
 
 
@@ -59,8 +52,6 @@ def register_model(name: str, **fixed: Any) -> Callable[[M], M]:
     bound for this name (e.g. `mode="mean"`) and are not user options."""
 
     def decorator(cls: M) -> M:
-        if name not in _MODEL_MODULES:
-            raise KeyError(f"model {name!r} is registered but missing from the lazy table in registry.py")
         _BUILDERS[name] = (lambda **kw: cls(**kw, **fixed)) if fixed else cls
         _OPTIONS[name] = [p for p in _keyword_options(cls) if p not in fixed]
         return cls
@@ -76,15 +67,28 @@ def _keyword_options(cls: Callable[..., Any]) -> list[str]:
     return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`, sorted."""
-    return sorted(_MODEL_MODULES)
+@functools.cache
+def _model_modules() -> dict[str, str]:
+    """name -> the module of this package whose `@register_model("name", ...)` line registers it, read from the
+    sources (not imported) so that listing models imports no torch."""
+    modules = {}
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for name in _DECORATOR.findall(path.read_text()):
+            modules[name] = f"{__package__}.{path.stem}"
+    return modules
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names accepted by :func:`create_model` that match the shell-style `pattern` (e.g. "*mamba*"), sorted."""
+    return sorted(fnmatch.filter(set(_model_modules()) | set(_BUILDERS), pattern))
 
 
 def _load(name: str) -> None:
-    if name not in _MODEL_MODULES:
+    if name in _BUILDERS:
+        return
+    if name not in _model_modules():
         raise UnknownNameError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    importlib.import_module(_MODEL_MODULES[name])
+    importlib.import_module(_model_modules()[name])
 
 
 def model_options(name: str) -> list[str]:

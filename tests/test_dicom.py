@@ -9,11 +9,11 @@ import h5py
 import numpy as np
 import pytest
 
+from wsi_pipeline.digests import file_fingerprint
 from wsi_pipeline.slide import Slide, SlideError
 from wsi_pipeline.stages.inputs import SlideSource, resolve_inputs
 from wsi_pipeline.stages.patch import PatchParams, patch
 from wsi_pipeline.testing.synthetic import tile_tissue, write_aperio_slide, write_dicom_slide
-from wsi_pipeline.workspace.files import file_fingerprint
 
 pytest.importorskip("pydicom", reason="pydicom (extra `dev`) writes the test DICOM WSI; pip install pydicom")
 

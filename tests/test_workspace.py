@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-from wsi_pipeline.workspace.files import atomic_write, file_fingerprint, params_hash, workspace_root
+from wsi_pipeline.digests import file_fingerprint, params_hash
+from wsi_pipeline.workspace.files import atomic_write
+from wsi_pipeline.workspace.layout import workspace_root
 from wsi_pipeline.workspace.locks import OwnerLock
 from wsi_pipeline.workspace.manifest import read_manifest, update_manifest
 from wsi_pipeline.workspace.shards import parse_shard, take_shard

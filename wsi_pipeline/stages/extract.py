@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wsi_pipeline.device import resolve_device
+from wsi_pipeline.digests import code_digest, params_hash
 from wsi_pipeline.errors import InputError, UserError
 from wsi_pipeline.models.encoders import Encoder, create_encoder, get_spec
 from wsi_pipeline.slide import Slide
@@ -32,13 +33,7 @@ from wsi_pipeline.stages import runner
 from wsi_pipeline.stages.runner import SlideOutcome
 from wsi_pipeline.workspace.coords_store import coords_attrs, read_coords
 from wsi_pipeline.workspace.feature_store import PartialFeatures, features_are_current, write_features
-from wsi_pipeline.workspace.files import (
-    code_digest,
-    params_hash,
-    remove_stale_temps,
-    storage_errors,
-    write_json_if_changed,
-)
+from wsi_pipeline.workspace.files import remove_stale_temps, storage_errors, write_json_if_changed
 from wsi_pipeline.workspace.layout import FeatureSet, Layout, PatchSet
 from wsi_pipeline.workspace.manifest import DONE, read_manifest
 from wsi_pipeline.workspace.shards import parse_shard, take_shard

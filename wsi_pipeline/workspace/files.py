@@ -1,8 +1,6 @@
-"""The workspace root and the file rules every stage relies on: atomic writes and cache-key hashing.
+"""The file rules every stage relies on when it writes into the workspace.
 
 - atomic writes (temp file + rename): a killed run never leaves a half file a later run would trust;
-- parameter hashes (with a digest of the code that makes an output, after STAMP) and file fingerprints:
-  the cache keys of docs/design.md §10;
 - a workspace that cannot take a write (read-only, unwritable, full) is one `StorageError` line, and
   unchanged content is never rewritten, so a fully cached run works on a read-only workspace
   (docs/reliability.md).
@@ -26,19 +24,6 @@ from typing import Any
 from wsi_pipeline import faults
 from wsi_pipeline.errors import StorageError
 from wsi_pipeline.workspace.locks import pid_alive
-
-WORKSPACE_ENV = "WSIP_OUT"
-DEFAULT_WORKSPACE = "wsip_out"
-
-
-def workspace_root(out: str | os.PathLike[str] | None = None) -> Path:
-    """`--out` if given, else `$WSIP_OUT`, else `./wsip_out`; absolute and resolved.
-
-    Resolved once, here, so every path a stage records is absolute: a workspace used from another folder
-    (or by a Slurm job started elsewhere) finds the same files.
-    """
-    return Path(out or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser().resolve()
-
 
 TMP_MARK = ".tmp-"
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
@@ -188,37 +173,3 @@ def storage_errors(root: Path) -> Iterator[None]:
         if error is None:
             raise
         raise error from None
-
-
-def code_digest(*files: str | os.PathLike[str]) -> str:
-    """sha256 of source files: part of a stage's cache key, so changing the algorithm invalidates outputs."""
-    h = hashlib.sha256()
-    for f in files:
-        h.update(Path(f).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def params_hash(params: Mapping[str, Any]) -> str:
-    """A short, stable hash of JSON-able parameters (key order does not matter)."""
-    blob = json.dumps(params, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def file_fingerprint(path: str | os.PathLike[str]) -> str:
-    """Size + mtime: cheap, and changes whenever the file is replaced or rewritten. A folder (a DICOM WSI
-    series) gets a digest of its files' names and fingerprints, so adding, removing or rewriting any changes it."""
-    path = Path(path)
-    if path.is_dir():
-        parts = [f"{p.name}:{file_fingerprint(p)}" for p in sorted(path.iterdir()) if p.is_file()]
-        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-    st = path.stat()
-    return f"{st.st_size}-{st.st_mtime_ns}"
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """The content hash of a file (encoder weights: features from different weights never mix)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -27,7 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wsi_pipeline.errors import UserError, name_some
-from wsi_pipeline.workspace.files import workspace_root
+
+WORKSPACE_ENV = "WSIP_OUT"
+DEFAULT_WORKSPACE = "wsip_out"
+
+
+def workspace_root(out: str | os.PathLike[str] | None = None) -> Path:
+    """`--out` if given, else `$WSIP_OUT`, else `./wsip_out`; absolute and resolved.
+
+    Resolved once, here, so every path a stage records is absolute: a workspace used from another folder
+    (or by a Slurm job started elsewhere) finds the same files.
+    """
+    return Path(out or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser().resolve()
+
 
 MANIFEST, PARAMS = "manifest.csv", "params.json"
 SLIDES_FOLDER = "_slides"  # predictions/_slides/: the workspace of slides given to `wsip predict`

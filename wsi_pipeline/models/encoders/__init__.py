@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from wsi_pipeline.digests import file_sha256
 from wsi_pipeline.models.encoders.spec import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -33,7 +34,6 @@ from wsi_pipeline.models.encoders.weights import (
 )
 from wsi_pipeline.models.encoders.zoo import get_spec, list_encoders
 from wsi_pipeline.models.pretrained import LUNIT_VIT_S16_URL
-from wsi_pipeline.workspace.files import file_sha256
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "LUNIT_MEAN", "LUNIT_STD", "LUNIT_VIT_S16_URL", "Encoder", "EncoderError",

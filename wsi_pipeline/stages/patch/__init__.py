@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline import slide as slide_module
+from wsi_pipeline.digests import code_digest, file_fingerprint, params_hash
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.stages import runner
 from wsi_pipeline.stages.inputs import SlideSource
@@ -27,14 +28,7 @@ from wsi_pipeline.stages.runner import SlideOutcome
 from wsi_pipeline.units import magnification_for_mpp
 from wsi_pipeline.workspace import coords_store, geojson
 from wsi_pipeline.workspace.coords_store import coords_are_current, read_coords, write_coords
-from wsi_pipeline.workspace.files import (
-    code_digest,
-    file_fingerprint,
-    params_hash,
-    remove_stale_temps,
-    storage_errors,
-    write_json_if_changed,
-)
+from wsi_pipeline.workspace.files import remove_stale_temps, storage_errors, write_json_if_changed
 from wsi_pipeline.workspace.layout import Layout, PatchSet
 from wsi_pipeline.workspace.shards import parse_shard, take_shard
 

@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsi_pipeline.digests import params_hash
 from wsi_pipeline.errors import InputError
 from wsi_pipeline.stages.patch.segment import TISSUE_MODES, SegmentParams
-from wsi_pipeline.workspace.files import params_hash
 
 
 @dataclass(frozen=True)

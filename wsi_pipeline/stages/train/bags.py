@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wsi_pipeline.digests import file_fingerprint
 from wsi_pipeline.errors import ConfigError, UserError
 from wsi_pipeline.workspace.feature_store import read_bag
-from wsi_pipeline.workspace.files import atomic_write, file_fingerprint
+from wsi_pipeline.workspace.files import atomic_write
 
 GroupFn = Callable[[np.ndarray, np.ndarray], "list[np.ndarray] | None"]
 

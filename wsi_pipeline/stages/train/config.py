@@ -38,8 +38,7 @@ from pydantic import (
 
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.models.mil import list_models
-from wsi_pipeline.workspace.files import workspace_root
-from wsi_pipeline.workspace.layout import Layout, RunDir
+from wsi_pipeline.workspace.layout import Layout, RunDir, workspace_root
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_pipeline.errors import SlideError, UserError, one_line
+from wsi_pipeline.errors import InputError, UserError, one_line
 from wsi_pipeline.workspace.files import write_text_atomic
 
 TISSUE_CLASS = {"name": "Tissue", "color": [0, 160, 0]}
@@ -98,7 +98,7 @@ def read_geojson(path: Path) -> object:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise SlideError(f"{path}: unreadable GeoJSON ({exc}); export it again from QuPath") from None
+        raise InputError(f"{path}: unreadable GeoJSON ({exc}); export it again from QuPath") from None
 
 
 def geojson_rings(data: object) -> list[tuple[list, bool]]:

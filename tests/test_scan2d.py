@@ -129,7 +129,7 @@ def test_threads_and_channel_groups_agree_with_pytorch_path():
 def test_without_numba_the_pytorch_path_runs(monkeypatch):
     calls = []
     torch_path = scan2d._scan2d_torch
-    monkeypatch.setattr(scan2d.scan_cpu, "AVAILABLE", False)
+    monkeypatch.setattr(scan2d.numba_primitives, "AVAILABLE", False)
     monkeypatch.setattr(scan2d, "_scan2d_torch", lambda *a, **kw: calls.append(1) or torch_path(*a, **kw))
     inputs = make_inputs(1, 2, 3, 3, 4, with_D=True, with_z=True, with_bias=True, softplus=True)
     y = scan2d.selective_scan_2d(**inputs, delta_softplus=True)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from wsi_pipeline.models.ssm import backend, scan_cpu
+from wsi_pipeline.models.ssm import backend, numba_primitives, scan_cpu
 
 # ---------------------------------------------------------------- backend choice
 
@@ -43,7 +43,7 @@ def implementation(op: str, t: torch.Tensor) -> tuple[str, Callable | None]:
     module, attr, _ = backend.CUDA_OPS[op]
     fn, why = _load_cuda_op(module, attr)
     device = "cuda" if _is_cuda(t) else t.device.type
-    choice = backend.plan(op, device, cuda_op=fn is not None, numba=scan_cpu.AVAILABLE, why=why)
+    choice = backend.plan(op, device, cuda_op=fn is not None, numba=numba_primitives.AVAILABLE, why=why)
     return choice, fn if choice == backend.CUDA else None
 
 

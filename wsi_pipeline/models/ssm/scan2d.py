@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from wsi_pipeline.models.ssm import scan2d_cpu, scan_cpu
+from wsi_pipeline.models.ssm import numba_primitives, scan2d_cpu, scan_cpu
 from wsi_pipeline.models.ssm.scan import compute_args
 
 
@@ -49,7 +49,7 @@ def selective_scan_2d(
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     args = compute_args(u, delta, A, B, C, D, z, delta_bias)
-    if u.device.type == "cpu" and scan_cpu.AVAILABLE:
+    if u.device.type == "cpu" and numba_primitives.AVAILABLE:
         y = _NumbaScan2d.apply(*args, delta_softplus)
     else:
         y = _scan2d_torch(*args, delta_softplus=delta_softplus)

@@ -26,22 +26,23 @@ and through a = exp(dt A), x = dt u B to the inputs (sums over k within a channe
 So rows run bottom to top and cells right to left; the carried adjoints are a[i+1, j] h^[i+1, j] for the whole
 row below (W x n per channel) and a[i, j+1] g^[i, j+1] for the cell to the right (n per channel).
 
-Task layout, lanes, tiles and exp follow scan_cpu (SIMD over a block of LANES channels); a tile is one grid row.
+Task layout, lanes, tiles and exp follow scan_cpu (SIMD over a block of LANES channels; the shared parts are in
+numba_primitives); a tile is one grid row.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from wsi_pipeline.models.ssm.scan_cpu import _ONE, _exp, _jit, _load_lanes, _load_tile, _softplus_slope, _store_tile
+from wsi_pipeline.models.ssm.numba_primitives import ONE, exp, jit, load_lanes, load_tile, softplus_slope, store_tile
 
 
-@_jit()
+@jit()
 def _row(width, lanes, like):
     return np.empty((width, lanes), like.dtype)
 
 
-@_jit()
+@jit()
 def _row_states(B, b, t0, a, ut, dtt, hprev, hnew, gs):
     """Both recurrences over one grid row (cells t0 .. t0 + W - 1) for one channel block, for the backward:
     gs[j + 1] = g[i, j] with gs[0] = 0 (so gs[j] is g[i, j-1], what a^ needs), hnew[j] = h[i, j] from
@@ -52,12 +53,12 @@ def _row_states(B, b, t0, a, ut, dtt, hprev, hnew, gs):
         for k in range(n):
             bk = B[b, t0 + j, k]
             for w in range(lanes):
-                e = _exp(dtt[j, w] * a[k, w])
+                e = exp(dtt[j, w] * a[k, w])
                 gs[j + 1, k, w] = e * gs[j, k, w] + dtt[j, w] * ut[j, w] * bk
                 hnew[j, k, w] = e * hprev[j, k, w] + gs[j + 1, k, w]
 
 
-@_jit()
+@jit()
 def scan2d_fwd_kernel(task0, task1, lanes, band, width, u, delta, A_t, B, C, D, z, bias, softplus, has_z,
                       y, dt_out, slope_out, ckpt):
     """y = (sum_k h_k C_k + D u) * silu(z) for tasks = (batch, channel block) in [task0, task1). Cells are
@@ -70,9 +71,9 @@ def scan2d_fwd_kernel(task0, task1, lanes, band, width, u, delta, A_t, B, C, D, 
         b, c0 = task // nblk, (task % nblk) * lanes
         nw = min(lanes, nd - c0)
         a, d_l, bias_l = np.empty((n, lanes), u.dtype), np.empty((1, lanes), u.dtype), np.empty((1, lanes), u.dtype)
-        _load_lanes(A_t, c0, a)
-        _load_lanes(D, c0, d_l)
-        _load_lanes(bias, c0, bias_l)
+        load_lanes(A_t, c0, a)
+        load_lanes(D, c0, d_l)
+        load_lanes(bias, c0, bias_l)
         hrow = np.zeros((width, n, lanes), u.dtype)  # h[i-1, :] going into row i, h[i, :] after it
         g_row = np.empty((n, lanes), u.dtype)  # g[i, j] along the row
         ut, dtt, st, zt, yt = (_row(width, lanes, u), _row(width, lanes, u), _row(width, lanes, u),
@@ -84,15 +85,15 @@ def scan2d_fwd_kernel(task0, task1, lanes, band, width, u, delta, A_t, B, C, D, 
                     for k in range(n):
                         for w in range(nw):
                             ckpt[b, i // band, j, k, c0 + w] = hrow[j, k, w]
-            _load_tile(u, b, c0, t0, ut)
-            _load_tile(delta, b, c0, t0, dtt)
+            load_tile(u, b, c0, t0, ut)
+            load_tile(delta, b, c0, t0, dtt)
             for j in range(width):
                 for w in range(lanes):
                     x = dtt[j, w] + bias_l[0, w]
-                    dtt[j, w], st[j, w] = _softplus_slope(x) if softplus else (x, _ONE)
+                    dtt[j, w], st[j, w] = softplus_slope(x) if softplus else (x, ONE)
             if save:
-                _store_tile(dtt, b, c0, t0, dt_out)
-                _store_tile(st, b, c0, t0, slope_out)
+                store_tile(dtt, b, c0, t0, dt_out)
+                store_tile(st, b, c0, t0, slope_out)
             g_row[:] = 0
             for j in range(width):  # _row_states fused with the output, without storing a and g
                 for w in range(lanes):
@@ -100,19 +101,19 @@ def scan2d_fwd_kernel(task0, task1, lanes, band, width, u, delta, A_t, B, C, D, 
                 for k in range(n):
                     bk, ck = B[b, t0 + j, k], C[b, t0 + j, k]
                     for w in range(lanes):
-                        e = _exp(dtt[j, w] * a[k, w])
+                        e = exp(dtt[j, w] * a[k, w])
                         g_row[k, w] = e * g_row[k, w] + dtt[j, w] * ut[j, w] * bk
                         hrow[j, k, w] = e * hrow[j, k, w] + g_row[k, w]
                         yt[j, w] += hrow[j, k, w] * ck
             if has_z:
-                _load_tile(z, b, c0, t0, zt)
+                load_tile(z, b, c0, t0, zt)
                 for j in range(width):
                     for w in range(lanes):
-                        yt[j, w] *= zt[j, w] / (_ONE + _exp(-zt[j, w]))
-            _store_tile(yt, b, c0, t0, y)
+                        yt[j, w] *= zt[j, w] / (ONE + exp(-zt[j, w]))
+            store_tile(yt, b, c0, t0, y)
 
 
-@_jit()
+@jit()
 def scan2d_bwd_kernel(task0, task1, lanes, band, width, u, dt, slope, A_t, B, C, D, z, has_z, ckpt, dy,
                       du, ddelta, dz, dA, dD, dbias, dB, dC):
     """The module docstring's adjoint recurrences. A task = (batch, group of channel blocks) owns dB[b, group],
@@ -136,8 +137,8 @@ def scan2d_bwd_kernel(task0, task1, lanes, band, width, u, dt, slope, A_t, B, C,
         for blk in range(g * nblk // ngroups, (g + 1) * nblk // ngroups):
             c0 = blk * lanes
             nw = min(lanes, nd - c0)
-            _load_lanes(A_t, c0, a)
-            _load_lanes(D, c0, d_l)
+            load_lanes(A_t, c0, a)
+            load_lanes(D, c0, d_l)
             below[:] = 0
             dd_acc[:] = 0
             dbias_acc[:] = 0
@@ -145,19 +146,19 @@ def scan2d_bwd_kernel(task0, task1, lanes, band, width, u, dt, slope, A_t, B, C,
                 i0 = bi * band
                 rows = min(band, height - i0)
                 for j in range(width):
-                    _load_lanes(ckpt[b, bi, j], c0, hs[0, j])
+                    load_lanes(ckpt[b, bi, j], c0, hs[0, j])
                 for r in range(rows):
-                    _load_tile(u, b, c0, (i0 + r) * width, ut)
-                    _load_tile(dt, b, c0, (i0 + r) * width, dtt)
+                    load_tile(u, b, c0, (i0 + r) * width, ut)
+                    load_tile(dt, b, c0, (i0 + r) * width, dtt)
                     _row_states(B, b, (i0 + r) * width, a, ut, dtt, hs[r], hs[r + 1], gs[r])
                 for r in range(rows - 1, -1, -1):
                     t0 = (i0 + r) * width
-                    _load_tile(u, b, c0, t0, ut)
-                    _load_tile(dt, b, c0, t0, dtt)
-                    _load_tile(slope, b, c0, t0, st)
-                    _load_tile(dy, b, c0, t0, dyt)
+                    load_tile(u, b, c0, t0, ut)
+                    load_tile(dt, b, c0, t0, dtt)
+                    load_tile(slope, b, c0, t0, st)
+                    load_tile(dy, b, c0, t0, dyt)
                     if has_z:
-                        _load_tile(z, b, c0, t0, zt)
+                        load_tile(z, b, c0, t0, zt)
                     hrow, hup, grow = hs[r + 1], hs[r], gs[r]
                     right[:] = 0
                     da_acc[:] = 0
@@ -172,8 +173,8 @@ def scan2d_bwd_kernel(task0, task1, lanes, band, width, u, dt, slope, A_t, B, C,
                                 for w in range(lanes):
                                     ddt[w] += hrow[j, k, w] * C[b, t, k]
                             for w in range(lanes):
-                                sig = _ONE / (_ONE + _exp(-zt[j, w]))
-                                dyt[j, w] = dsy[w] * ddt[w] * sig * (_ONE + zt[j, w] * (_ONE - sig))
+                                sig = ONE / (ONE + exp(-zt[j, w]))
+                                dyt[j, w] = dsy[w] * ddt[w] * sig * (ONE + zt[j, w] * (ONE - sig))
                                 dsy[w] *= zt[j, w] * sig
                         ddt[:] = 0
                         adj_b[:] = 0
@@ -183,7 +184,7 @@ def scan2d_bwd_kernel(task0, task1, lanes, band, width, u, dt, slope, A_t, B, C,
                                 acc_c[k, w] = dsy[w] * hrow[j, k, w]
                                 h_adj = dsy[w] * ck + below[j, k, w]
                                 g_adj = h_adj + right[k, w]
-                                e = _exp(dtt[j, w] * a[k, w])
+                                e = exp(dtt[j, w] * a[k, w])
                                 a_adj_e = (h_adj * hup[j, k, w] + g_adj * grow[j, k, w]) * e  # a^ a
                                 ddt[w] += a_adj_e * a[k, w]
                                 da_acc[k, w] += a_adj_e * dtt[j, w]
@@ -204,10 +205,10 @@ def scan2d_bwd_kernel(task0, task1, lanes, band, width, u, dt, slope, A_t, B, C,
                             dbias_acc[w] += ddt[w]
                             ut[j, w] = dsy[w] * d_l[0, w] + adj_b[w] * dtt[j, w]  # now du
                             dtt[j, w] = ddt[w]  # now d delta
-                    _store_tile(ut, b, c0, t0, du)
-                    _store_tile(dtt, b, c0, t0, ddelta)
+                    store_tile(ut, b, c0, t0, du)
+                    store_tile(dtt, b, c0, t0, ddelta)
                     if has_z:
-                        _store_tile(dyt, b, c0, t0, dz)
+                        store_tile(dyt, b, c0, t0, dz)
                     for w in range(nw):  # a row's worth of float32 sums, then into float64
                         for k in range(n):
                             dA[b, k, c0 + w] += da_acc[k, w]

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from wsi_pipeline.errors import UserError
 from wsi_pipeline.models.ssm import scan
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -306,6 +307,7 @@ def test_wsip_scan_cuda_without_mamba_ssm_is_a_clear_error(monkeypatch):
 
 def test_wsip_scan_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv("WSIP_SCAN", "triton")
-    with pytest.raises(ValueError, match="WSIP_SCAN"):
+    with pytest.raises(UserError, match="WSIP_SCAN='triton' is not one of") as err:  # one line, exit 2 in the CLI
         scan.selective_scan(**make_inputs(1, 2, 2, 3, with_D=False, with_z=False, with_bias=False,
                                           softplus=False))
+    assert "\n" not in str(err.value)

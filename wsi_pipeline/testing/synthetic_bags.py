@@ -63,10 +63,6 @@ class SyntheticBag:
     label: int
     positive: np.ndarray = field(repr=False)  # (N,) bool: instances carrying the signal
 
-    @property
-    def positive_fraction(self) -> float:
-        return float(self.positive.mean())
-
 
 @dataclass(frozen=True)
 class _CohortConstants:

@@ -2,7 +2,7 @@
 
 A config names *what* to train (features, labels, model) and *how* (splits, optimiser, seed); the data
 checks that need the files themselves (labels vs classes, missing h5, feature dims, model options) live
-in :mod:`wsi_pipeline.dataset` and raise the same :class:`ConfigError`, so `train()` can refuse a bad
+in :mod:`wsi_pipeline.stages.train.labels` and raise the same :class:`ConfigError`, so `train()` can refuse a bad
 config before any epoch runs.
 
 Paths: relative paths written in the YAML resolve against the YAML file's folder (so a config travels
@@ -113,7 +113,7 @@ class ModelConfig(BaseModel):
     """`name` plus that model's own options, passed as keywords to `create_model`.
 
     The one place where unknown keys are allowed: they are the model's options, checked by building the
-    model once (see `dataset.check_model`), so a typo still fails before training.
+    model once (see `labels.check_model`), so a typo still fails before training.
     """
 
     model_config = ConfigDict(extra="allow")

@@ -3,8 +3,10 @@ honoured, workspaces work from any folder, stale features are refused, and the r
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -190,3 +192,106 @@ def test_workspace_paths_are_absolute(tmp_path, monkeypatch):
     assert Layout.at().root == tmp_path.resolve() / "elsewhere"
     assert SlideSource(Path("x.svs")).path == tmp_path / "x.svs"
     assert os.path.isabs(Layout.at().prediction_slides().root)
+
+
+# ------------------------------------------------------------------------------- the house rules, checked
+PACKAGE = Path(__file__).resolve().parents[1] / "wsi_pipeline"
+SUPPORT = Path(__file__).resolve().parent / "support"
+# names of folders and files inside a workspace (docs/design.md §2): joined only by workspace/
+WORKSPACE_NAMES = ("patches", "features", "runs", "predictions", "_slides", "coords", "qc", "masks", "geojson",
+                   "h5_files", "pt_files", ".partial", ".locks", "viewer", "groups", "fold_", "best.pt", "last.pt",
+                   "log.csv", "preds.csv", "metrics.json", "summary.csv", "splits.csv", "config.yaml",
+                   "features.json", "manifest.csv", "params.json", "report.html", "report.md", "index.html")
+
+
+def _sources(*roots: Path) -> list[Path]:
+    return sorted(p for root in roots for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module `path` imports (top level or inside functions), absolute names."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    return names
+
+
+def _joined_name(node: ast.AST) -> str | None:
+    """The literal text a path is joined with (`x / "runs"`, `x / f"fold_{k}"`, `x.joinpath("qc")`)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+        return str(node.values[0].value)
+    return None
+
+
+def workspace_joins(path: Path) -> list[str]:
+    """`file:line name` for each path join to a workspace folder or file name."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        parts = []
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            parts = [node.right]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "joinpath":
+            parts = node.args
+        for part in parts:
+            name = _joined_name(part)
+            if name is not None and any(name.split("/")[0] == w or (w.endswith("_") and name.startswith(w))
+                                        for w in WORKSPACE_NAMES):
+                found.append(f"{path.name}:{node.lineno} {name}")
+    return sorted(found, key=lambda j: int(j.split(":")[1].split()[0]))
+
+
+def test_workspace_paths_are_joined_in_workspace_only():
+    outside = [p for p in _sources(PACKAGE, SUPPORT) if PACKAGE / "workspace" not in p.parents]
+    assert [j for p in outside for j in workspace_joins(p)] == []
+
+
+def test_the_path_rule_sees_every_kind_of_join(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text('root = Path(".")\na = root / "runs" / name\nb = d / f"fold_{k}"\nc = root.joinpath("coords")\n'
+                     'd = root / "slide_files"\ne = d / "qc/x.jpg"\n')
+    assert workspace_joins(probe) == ["probe.py:2 runs", "probe.py:3 fold_", "probe.py:4 coords", "probe.py:6 qc/x.jpg"]
+
+
+def test_predict_and_report_never_import_training():
+    readers = [p for sub in ("predict", "report", "view") for p in _sources(PACKAGE / "stages" / sub)]
+    readers.append(PACKAGE / "stages" / "export.py")
+    assert {str(p.relative_to(PACKAGE)): sorted(n for n in _imports(p) if n.startswith("wsi_pipeline.stages.train"))
+            for p in readers} == {str(p.relative_to(PACKAGE)): [] for p in readers}
+
+
+def test_models_import_neither_workspace_nor_stages():
+    leaks = {str(p.relative_to(PACKAGE)): sorted(n for n in _imports(p) if n.startswith(
+        ("wsi_pipeline.workspace", "wsi_pipeline.stages", "wsi_pipeline.cli"))) for p in _sources(PACKAGE / "models")}
+    assert {k: v for k, v in leaks.items() if v} == {}
+
+
+def _code_map(text: str, heading: str) -> str:
+    """The fenced code block that follows `heading` (the code map)."""
+    section = text[text.index(heading):]
+    start = section.index("```\nwsi_pipeline/")
+    return section[start:section.index("```\n", start + 4)]
+
+
+@pytest.mark.parametrize("doc,heading", [("README.md", "## Development"), ("docs/design.md", "## 3. Code layout")])
+def test_every_package_and_module_is_in_the_code_maps(doc, heading):
+    """Packages by `name/`, modules by name; a MIL model's own module is covered by "one module per model"."""
+    code_map = _code_map((PACKAGE.parent / doc).read_text(), heading)
+    missing = []
+    for path in _sources(PACKAGE):
+        registers_a_model = "@register_model(" in path.read_text() and path.parent.name == "mil"
+        if path.name == "__init__.py":
+            if path.parent != PACKAGE and f"{path.parent.name}/" not in code_map:
+                missing.append(f"{_module_name(path)} (package)")
+        elif not registers_a_model and not re.search(rf"\b{re.escape(path.stem)}\b", code_map):
+            missing.append(_module_name(path))
+    assert missing == [], f"add these to the code map in {doc}"

@@ -100,6 +100,7 @@ def patch_progress(quiet: bool) -> Iterator[tuple[Callable[[Any], None], Callabl
 
 def report_outcomes(outcomes: list[Any], out_dir: Path) -> None:
     """Summary line per status; exit 1 when any slide failed (docs/design.md §1)."""
+    from wsi_pipeline.workspace.layout import MANIFEST
     from wsi_pipeline.workspace.manifest import FAILURES
 
     counts: dict[str, int] = {}
@@ -110,7 +111,7 @@ def report_outcomes(outcomes: list[Any], out_dir: Path) -> None:
     failed = [o for o in outcomes if o.status in FAILURES]
     if failed:
         console.print(f"[red]{len(failed)} slide(s) failed[/]: " + ", ".join(o.slide_id for o in failed) +
-                      f" (reasons in {out_dir / 'manifest.csv'})", highlight=False)
+                      f" (reasons in {out_dir / MANIFEST})", highlight=False)
         raise typer.Exit(1)
 
 

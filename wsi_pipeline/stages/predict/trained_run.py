@@ -23,12 +23,12 @@ def find_run(layout: Layout, run: str | Path | None) -> RunDir:
         given = Path(run)
         chosen = RunDir(given.resolve()) if given.is_dir() else layout.run(str(run))
         if not chosen.dir.is_dir():
-            raise UserError(f"--run {run}: no such run folder or run name in {layout.root / 'runs'}; pass a "
+            raise UserError(f"--run {run}: no such run folder or run name in {layout.runs_dir}; pass a "
                             "runs/<name> folder of a finished `wsip train`")
         return chosen
     runs = [r for r in layout.runs() if r.trained_folds()]
     if not runs:
-        raise UserError(f"{layout.root / 'runs'}: no trained run; run `wsip train --cfg ...` first or pass --run")
+        raise UserError(f"{layout.runs_dir}: no trained run; run `wsip train --cfg ...` first or pass --run")
     return max(runs, key=lambda r: max(f.best.stat().st_mtime for f in r.trained_folds()))
 
 

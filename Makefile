@@ -1,10 +1,11 @@
-# Two targets do all set-up from nothing: `make demo` and `make test`.
+# Every target does its set-up from nothing. Two test lanes: `make check` (lint + unit tests, the edit loop)
+# and `make test` (everything, what CI runs); the lanes are chosen by pytest markers (pyproject.toml).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench faults clean
+.PHONY: demo check test lint bench faults clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +14,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python examples/run_demo.py
+
+check: $(STAMP)
+	$(BIN)/ruff check wsi_pipeline tests benchmarks examples
+	$(BIN)/python -m pytest -q -m "not (e2e or browser or demo or memory or slow or faults)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -34,6 +34,8 @@ from wsi_pipeline.stages.train import TrainParams, train
 from wsi_pipeline.workspace.layout import MANIFEST, FeatureSet, Layout
 from wsi_pipeline.workspace.manifest import read_manifest
 
+pytestmark = pytest.mark.e2e
+
 # ------------------------------------------------------------------------------------------ bad inputs
 
 

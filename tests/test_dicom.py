@@ -46,6 +46,7 @@ def test_series_opens_with_mpp_levels_and_the_twins_pixels(twins):
         assert one.level_count == 3 and one.slide_id == "case01" and one.dimensions == (4000, 3000)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("mag", [20, 10])
 def test_dicom_patches_to_the_tiff_twins_coords(twins, tmp_path, mag):
     dicom, tiff = twins
@@ -61,6 +62,7 @@ def test_dicom_patches_to_the_tiff_twins_coords(twins, tmp_path, mag):
         assert attrs[0][key] == attrs[1][key], key
 
 
+@pytest.mark.e2e
 def test_a_series_folder_is_one_slide_named_by_the_folder(twins, tmp_path):
     dicom, tiff = twins
     cohort = tmp_path / "cohort"

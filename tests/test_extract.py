@@ -21,6 +21,8 @@ from wsi_pipeline.stages.extract import ExtractParams, extract, resize_patch
 from wsi_pipeline.stages.inputs import SlideSource
 from wsi_pipeline.stages.patch import PatchParams, patch
 
+pytestmark = pytest.mark.e2e
+
 SMALL = {"size": (1536, 2048), "mpp": 0.5, "mag": 20}
 
 

@@ -38,6 +38,8 @@ from wsi_pipeline.stages.patch import patch
 from wsi_pipeline.stages.train import TrainParams, train
 from wsi_pipeline.workspace.layout import Layout, RunDir
 
+pytestmark = pytest.mark.e2e
+
 FULL_POINTS = int(os.environ.get("WSIP_FAULT_POINTS", "24"))
 
 

@@ -47,6 +47,7 @@ def signal_fraction(slide: Slide, xy, size0: int) -> float:
     return float((rgb.max(axis=2) > BACKGROUND_MAX).mean())
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stain", ["tritc", "dapi"])
 def test_fluorescence_finds_the_tissue_brightfield_misses(fluo, tmp_path, stain):
     path = fluo[stain]
@@ -70,11 +71,13 @@ def test_fluorescence_finds_the_tissue_brightfield_misses(fluo, tmp_path, stain)
     assert (np.abs(qc.astype(int) - (0, 160, 0)).max(axis=2) < 40).sum() > 500  # green contour pixels
 
 
+@pytest.mark.e2e
 def test_an_empty_dark_slide_stays_empty(fluo, tmp_path):
     _, outcome, _ = run(fluo["empty"], tmp_path, "auto")
     assert outcome.status == "no_tissue" and outcome.row["tissue"] == "fluorescence"
 
 
+@pytest.mark.e2e
 def test_brightfield_slides_stay_brightfield_with_the_default_config_name(make_slide, tmp_path):
     path = make_slide(size=(3000, 4000))
     with Slide(path) as slide:
@@ -94,6 +97,7 @@ def test_stretch_contrast_maps_percentiles_to_the_full_range():
     assert out.max() == 255 and out.min() == 0 and np.all(np.diff(out[0, :, 0].astype(int)) >= 0)
 
 
+@pytest.mark.e2e
 def test_cli_tissue_option(fluo, tmp_path):
     proc = run_cli("patch", fluo["tritc"], "--tissue", "darkfield", "--out", tmp_path)
     assert proc.returncode == 2 and "--tissue darkfield" in proc.stderr and "Traceback" not in proc.stderr

@@ -41,6 +41,7 @@ def rasterise(features: list, scale: float = 1 / 8) -> np.ndarray:
     return mask
 
 
+@pytest.mark.e2e
 def test_tissue_outline_is_valid_geojson_with_the_hole_and_the_island(tmp_path, donut_slide):
     result = patch([SlideSource(donut_slide)], out=tmp_path)
     data = json.loads(result.patch_set.mask("donut").read_text())
@@ -57,6 +58,7 @@ def test_tissue_outline_is_valid_geojson_with_the_hole_and_the_island(tmp_path, 
     assert (mask.astype(bool) == truth).mean() > 0.97
 
 
+@pytest.mark.e2e
 def test_outline_fed_back_through_masks_gives_the_same_tissue_and_patches(tmp_path, donut_slide):
     first = patch([SlideSource(donut_slide)], out=tmp_path / "a")
     masks = tmp_path / "masks"
@@ -72,6 +74,7 @@ def test_outline_fed_back_through_masks_gives_the_same_tissue_and_patches(tmp_pa
     assert outline_a == outline_b  # the very same polygons, vertex for vertex
 
 
+@pytest.mark.e2e
 def test_a_missing_outline_is_made_again_without_force(tmp_path, donut_slide):
     source = [SlideSource(donut_slide)]
     first = patch(source, out=tmp_path)

@@ -56,6 +56,7 @@ def trained(tmp_path_factory):
     return root, ws, train(TrainParams(root / "cfg.yaml"))
 
 
+@pytest.mark.e2e
 def test_a_predicted_slide_named_like_a_cohort_slide_leaves_training_files_identical(trained, tmp_path):
     root, ws, result = trained
     before = tree_digest(ws)
@@ -68,6 +69,7 @@ def test_a_predicted_slide_named_like_a_cohort_slide_leaves_training_files_ident
     assert outcome.json_path == ws / "predictions" / "r" / "demo_03.json"
 
 
+@pytest.mark.e2e
 def test_predict_honours_out_for_a_copied_workspace(trained, tmp_path):
     _, ws, _ = trained
     copy = tmp_path / "copy"
@@ -81,6 +83,7 @@ def test_predict_honours_out_for_a_copied_workspace(trained, tmp_path):
     assert tree_digest(ws, skip="") == before  # the original workspace got nothing
 
 
+@pytest.mark.e2e
 def test_predict_uses_the_runs_own_patch_config_and_feature_set(trained):
     root, ws, result = trained
     ten_x = patch(resolve_inputs([root / "slides"]), PatchParams(magnification_x=10), out=ws)
@@ -92,6 +95,7 @@ def test_predict_uses_the_runs_own_patch_config_and_feature_set(trained):
     assert features_used.parts[-2:] == ("20x_256px_0px", "resnet18_random")
 
 
+@pytest.mark.e2e
 def test_a_workspace_used_from_another_folder(tmp_path):
     make_demo_cohort(tmp_path / "a" / "slides", n_slides=2, size=(768, 1024), hotspots=0, seed=9)
     (tmp_path / "b").mkdir()
@@ -103,6 +107,7 @@ def test_a_workspace_used_from_another_folder(tmp_path):
     assert len(list((tmp_path / "a/ws/features/20x_256px_0px/resnet18_random/h5_files").glob("*.h5"))) == 2
 
 
+@pytest.mark.e2e
 def test_a_truncated_slide_makes_its_features_unusable_for_training(tmp_path):
     labels = make_demo_cohort(tmp_path / "slides", n_slides=4, size=(768, 1024), hotspots=1, seed=4)
     ws = tmp_path / "ws"
@@ -123,6 +128,7 @@ def test_a_truncated_slide_makes_its_features_unusable_for_training(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "demo_01" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_the_slide_lock_is_refreshed_during_a_long_extraction(tmp_path, monkeypatch):
     """With a 0.4 s stale time, a lock would look abandoned to another host within a slow slide's
     extraction, unless its holder keeps touching it."""
@@ -171,6 +177,7 @@ def test_the_slide_lock_is_refreshed_during_a_long_extraction(tmp_path, monkeypa
     ["train", "--cfg", "BADOPTION"],
     ["train", "--cfg", "no_such.yaml"],
 ])
+@pytest.mark.e2e
 def test_every_command_reports_a_bad_name_in_one_line(args, trained, tmp_path):
     root, ws, _ = trained
     configs = {}

@@ -213,6 +213,7 @@ def spatial_cohort(n: int, seed: int, *, dim: int = 8, side: int = 10, signal: f
     return bags
 
 
+@pytest.mark.slow
 def test_learns_a_spatially_clustered_signal():
     """9 of ~80 patches, one 3 x 3 block, carry the label. Without it (signal=0) the same budget gives a test
     AUC of 0.52, so 0.95 means learning (d_model 32: at 16 the small Mambas here learn too slowly to test)."""
@@ -260,6 +261,7 @@ class StopAt:
             raise KeyboardInterrupt
 
 
+@pytest.mark.e2e
 def test_wsip_train_runs_kfold_records_the_cohort_grid_and_resumes(tmp_path):
     bags = write_spatial_cohort(tmp_path)
     model = {"name": "2dmamba", "d_model": 8, "d_state": 4}

@@ -40,7 +40,7 @@ class Bag(NamedTuple):
     n_shifted: int
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 
 def _make_bag(rng: np.random.Generator, direction: np.ndarray, positive: bool) -> Bag:

@@ -20,6 +20,8 @@ from wsi_pipeline.slide import Slide
 from wsi_pipeline.stages.inputs import SlideSource, resolve_inputs
 from wsi_pipeline.stages.patch import PatchParams, patch, plan_read
 
+pytestmark = pytest.mark.e2e
+
 WSIP = [sys.executable, "-m", "wsi_pipeline.cli"]
 
 

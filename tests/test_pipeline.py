@@ -18,6 +18,8 @@ from wsi_pipeline.stages.train import TrainParams, train
 from wsi_pipeline.stages.train.metrics import classification_metrics
 from wsi_pipeline.testing.synthetic import make_demo_cohort
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

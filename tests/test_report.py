@@ -67,6 +67,7 @@ def section(html: str, name: str) -> str:
     return html.split(f'<section id="{name}">')[1].split("</section>")[0]
 
 
+@pytest.mark.e2e
 def test_report_shows_each_stage_failures_first_and_the_runs_own_numbers(ws):
     result = report(out=ws)
     html = result.path.read_text()
@@ -102,6 +103,7 @@ def _csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.e2e
 def test_report_of_one_run_a_run_in_progress_and_errors(ws, tmp_path):
     html = report(ReportParams(run="e2e"), out=ws).path.read_text()
     assert 'id="run-e2e"' in html
@@ -124,6 +126,8 @@ def browser(tmp_path):
         yield chromium
 
 
+@pytest.mark.e2e
+@pytest.mark.browser
 def test_report_opens_offline_in_chromium_with_every_image(ws, browser, tmp_path):
     html = report(out=ws).path.read_text()
     browser.load((ws.root / "report.html").as_uri(), width=1280, height=2000)
@@ -141,6 +145,7 @@ def test_report_opens_offline_in_chromium_with_every_image(ws, browser, tmp_path
     assert pixels.shape[:2] == (2000, 1280) and pixels.std() > 20  # rendered, not a blank page
 
 
+@pytest.mark.e2e
 def test_geojson_of_predictions_has_one_tile_per_patch_with_attention(ws):
     result = export_geojson(GeoJSONParams(run="e2e"), out=ws)
     assert result.failed == {} and result.written == [ws.predictions("e2e").geojson("holdout")]
@@ -158,6 +163,7 @@ def test_geojson_of_predictions_has_one_tile_per_patch_with_attention(ws):
     assert tissue == json.loads(mask.read_text())["features"]
 
 
+@pytest.mark.e2e
 def test_geojson_of_the_cohort_counts_every_patch(ws):
     result = export_geojson(out=ws)
     rows = {r["slide_id"]: r for r in read_manifest(ws.patch_sets()[0].manifest)}
@@ -177,6 +183,8 @@ def openseadragon_available():
         pytest.skip("npm is not installed: wsip view installs OpenSeadragon with npm on first use")
 
 
+@pytest.mark.e2e
+@pytest.mark.browser
 def test_viewer_pans_and_zooms_offline_in_chromium(ws, openseadragon_available, browser, tmp_path):
     result = view(ViewParams(slide="holdout"), out=ws)
     folder = result.index.parent
@@ -204,6 +212,7 @@ def test_viewer_pans_and_zooms_offline_in_chromium(ws, openseadragon_available, 
     assert link in section(report(out=ws).path.read_text(), "predictions")
 
 
+@pytest.mark.e2e
 def test_viewer_errors_name_the_fix(ws):
     with pytest.raises(UserError, match="no run has predicted slide 'demo_01'"):
         view(ViewParams(slide="demo_01"), out=ws)
@@ -223,6 +232,7 @@ def test_openseadragon_from_npm_is_checked_against_its_pinned_integrity(tmp_path
         osd.openseadragon_dir()
 
 
+@pytest.mark.e2e
 def test_cli_prints_the_report_path_and_one_line_errors(ws):
     runner = CliRunner()
     ok = runner.invoke(app, ["report", "--out", str(ws.root)])
@@ -235,6 +245,7 @@ def test_cli_prints_the_report_path_and_one_line_errors(ws):
     assert exported.exit_code == 0 and "1 GeoJSON file(s)" in exported.output
 
 
+@pytest.mark.e2e
 def test_report_command_does_not_import_torch(ws):
     proc = subprocess.run([sys.executable, "-c", PROBE, "report", "--out", str(ws.root)], capture_output=True,
                           text=True, timeout=120)

@@ -195,6 +195,7 @@ MEMORY_PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.memory
 def test_forward_backward_memory_grows_with_chunk_not_with_L():
     """L = 50,000, d = 256, n = 16: one (L x d x n) fp32 tensor is 819 MB; fwd+bwd must peak below it.
     Measured as the kernel's peak RSS increase in a fresh process; the control allocation shows the probe

@@ -216,6 +216,7 @@ MEMORY_PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.memory
 def test_forward_backward_memory_stays_below_one_grid_of_states():
     """300 x 300 cells, d = 64, n = 16: one (H x W x d x n) fp32 tensor is 369 MB; fwd+bwd must peak below it.
     Measured as the peak RSS increase in a fresh process; the control allocation shows the probe sees a tensor

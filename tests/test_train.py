@@ -24,6 +24,8 @@ from wsi_pipeline.stages.train import TrainParams, TrainResult, train
 from wsi_pipeline.stages.train.bags import load_bags, slide_groups
 from wsi_pipeline.stages.train.metrics import SCALARS, classification_metrics
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("neg", "pos")
 GRID = 10  # instances on a GRID x GRID lattice of 256 px patches

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from wsi_pipeline.testing.synthetic import he_tissue, tile_tissue, write_aperio_slide
+from wsi_pipeline.testing.synthetic import he_tissue, make_demo_cohort, tile_tissue, write_aperio_slide
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,6 +57,36 @@ def make_slide(tmp_path_factory, tissue_source):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_cohort(tmp_path_factory) -> Callable[[Path], Path]:
+    """Factory: the 12-slide generated cohort (two classes, 4 slides sharing patients, `holdout.svs` beside
+    `slides/`) linked into a folder, one symlink per file; returns its labels.csv. Generated once per session
+    (~10 s) for the end-to-end tests that build workspaces from it (test_pipeline, test_report); each gets its
+    own folder, so adding a file there never touches another's."""
+    source = tmp_path_factory.mktemp("demo_cohort")
+    labels = make_demo_cohort(source / "slides", n_slides=12, size=(1536, 2048), hotspots=3, seed=5)
+
+    def link(root: Path) -> Path:
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                target = root / path.relative_to(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.symlink_to(path)
+        return root / labels.relative_to(source)
+
+    return link
+
+
+@pytest.fixture(scope="session")
+def wsip() -> Iterator:
+    """One fork server for every test that runs the real CLI (test_faults, test_bad_inputs): torch and the
+    stages are imported once per session, not once per module (in a private mount namespace where permitted)."""
+    from support.launch import ForkedWsip, namespaces_available
+
+    with ForkedWsip(private_mounts=namespaces_available()) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

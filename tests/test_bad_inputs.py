@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 from support.checks import TIMING_COLUMNS, workspace_files
-from support.launch import ForkedWsip, can_make_read_only, namespaces_available, read_only_workspace
+from support.launch import can_make_read_only, read_only_workspace
 from support.sweep import FEATURES, make_cohort
 
 from wsi_pipeline.stages.extract import ExtractParams, extract
@@ -269,12 +269,6 @@ def finished(tmp_path_factory) -> Path:
     extract(ExtractParams(weights="random", workers=0), out=ws)
     train(TrainParams(root / "finished" / "cfg.yaml"))
     return root
-
-
-@pytest.fixture(scope="module")
-def wsip() -> Iterator[ForkedWsip]:
-    with ForkedWsip(private_mounts=namespaces_available()) as server:
-        yield server
 
 
 def finished_outputs(ws: Path) -> dict[str, str]:

@@ -17,14 +17,12 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from support.checks import differences, workspace_files, workspace_problems
 from support.launch import (
-    ForkedWsip,
     can_make_read_only,
     namespaces_available,
     read_only_workspace,
@@ -41,13 +39,6 @@ from wsi_pipeline.workspace.layout import Layout, RunDir
 pytestmark = pytest.mark.e2e
 
 FULL_POINTS = int(os.environ.get("WSIP_FAULT_POINTS", "24"))
-
-
-@pytest.fixture(scope="module")
-def wsip() -> Iterator[ForkedWsip]:
-    """Every run of this module, forked from one server (in a private mount namespace where permitted)."""
-    with ForkedWsip(private_mounts=namespaces_available()) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,15 @@ from wsi_pipeline.stages.patch import patch
 from wsi_pipeline.stages.predict import PredictParams, predict
 from wsi_pipeline.stages.train import TrainParams, train
 from wsi_pipeline.stages.train.metrics import classification_metrics
-from wsi_pipeline.testing.synthetic import make_demo_cohort
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, demo_cohort):
     """12 slides in two classes (4 sharing patients), patched, encoded (random weights), trained 3-fold."""
     root = tmp_path_factory.mktemp("e2e")
-    labels = make_demo_cohort(root / "slides", n_slides=12, size=(1536, 2048), hotspots=3, seed=5)
+    labels = demo_cohort(root)
     assert all(o.status == "done" for o in patch(resolve_inputs([root / "slides"]), out=root / "ws").outcomes)
     features = extract(ExtractParams(weights="random", formats=("h5",)), out=root / "ws")
     assert all(o.status == "done" for o in features.outcomes)

@@ -31,7 +31,6 @@ from wsi_pipeline.stages.report import ReportParams, report
 from wsi_pipeline.stages.train import TrainParams, train
 from wsi_pipeline.stages.view import ViewParams, view
 from wsi_pipeline.stages.view import openseadragon as osd
-from wsi_pipeline.testing.synthetic import make_demo_cohort
 from wsi_pipeline.workspace.attention_store import read_attention
 from wsi_pipeline.workspace.layout import Layout
 from wsi_pipeline.workspace.manifest import read_manifest
@@ -40,11 +39,11 @@ SIZE = (1536, 2048)  # slide h, w (level-0 px)
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, demo_cohort):
     """12 labelled slides + one unreadable file, patched at 10x, encoded (random weights), ABMIL 3-fold × 3
     epochs, and the held-out slide predicted: every section of the report has something real to show."""
     root = tmp_path_factory.mktemp("report")
-    labels = make_demo_cohort(root / "slides", n_slides=12, size=SIZE, hotspots=3, seed=5)
+    labels = demo_cohort(root)  # 12 slides of SIZE
     (root / "slides" / "broken.svs").write_text("not a slide")
     patch(resolve_inputs([root / "slides"]), PatchParams(magnification_x=10), out=root / "ws")
     features = extract(ExtractParams(weights="random", formats=("h5",)), out=root / "ws")

@@ -26,15 +26,25 @@ pytestmark = pytest.mark.e2e
 SMALL = {"size": (1536, 2048), "mpp": 0.5, "mag": 20}
 
 
-@pytest.fixture()
-def patched(tmp_path, make_slide):
-    """A workspace with two small patched slides (20x, level 0, 256 px)."""
-    folder = tmp_path / "slides"
+@pytest.fixture(scope="module")
+def patched_once(tmp_path_factory, make_slide):
+    """Two small slides and their patched workspace (20x, level 0, 256 px), made once per module."""
+    root = tmp_path_factory.mktemp("patched")
+    folder = root / "slides"
     folder.mkdir()
     for name, seed in (("a", 0), ("b", 1)):
         shutil.copy(make_slide(seed=seed, **SMALL), folder / f"{name}.svs")
-    result = patch([SlideSource(folder / "a.svs"), SlideSource(folder / "b.svs")], out=tmp_path / "ws")
+    result = patch([SlideSource(folder / "a.svs"), SlideSource(folder / "b.svs")], out=root / "ws")
     assert [o.status for o in result.outcomes] == ["done", "done"]
+    return root
+
+
+@pytest.fixture()
+def patched(tmp_path, patched_once):
+    """A workspace with two small patched slides: each test's own copy of `patched_once` (a workspace is found
+    from its root, so a copy works as the original), the slides linked beside it."""
+    shutil.copytree(patched_once / "ws", tmp_path / "ws")
+    (tmp_path / "slides").symlink_to(patched_once / "slides")
     return tmp_path / "ws"
 
 

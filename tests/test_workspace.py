@@ -1,8 +1,9 @@
-"""Workspace rules: atomic writes, locks (incl. stale recovery), manifests, shards, hashes."""
+"""Workspace rules: atomic writes, locks (incl. stale recovery), manifests, shards, hashes, a run's files, status."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -12,10 +13,21 @@ import pytest
 
 from wsi_pipeline.digests import file_fingerprint, params_hash
 from wsi_pipeline.workspace.files import atomic_write
-from wsi_pipeline.workspace.layout import workspace_root
+from wsi_pipeline.workspace.layout import Layout, workspace_root
 from wsi_pipeline.workspace.locks import OwnerLock
 from wsi_pipeline.workspace.manifest import read_manifest, update_manifest
+from wsi_pipeline.workspace.run_store import (
+    SplitRow,
+    Splits,
+    read_metrics,
+    read_summary,
+    split_sizes,
+    write_metrics,
+    write_splits,
+    write_summary,
+)
 from wsi_pipeline.workspace.shards import parse_shard, take_shard
+from wsi_pipeline.workspace.status import OutputStatus, RunStatus, workspace_status
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -89,3 +101,39 @@ def test_hashes_and_fingerprints(tmp_path, monkeypatch):
     assert file_fingerprint(f) != before
     monkeypatch.setenv("WSIP_OUT", str(tmp_path / "ws"))
     assert workspace_root() == tmp_path / "ws" and workspace_root("x").name == "x"
+
+
+def test_run_files_round_trip_an_undefined_metric_as_null_on_disk_and_nan_in_memory(tmp_path):
+    run = Layout(tmp_path).run("r")
+    fold = run.fold(0)
+    metrics = {"fold": 0, "selection": "best_val", "selected_epoch": 2,
+               "val": {"auc": 0.5, "f1": 1.0}, "test": {"auc": math.nan, "f1": 0.25, "confusion_matrix": [[1]]}}
+    write_metrics(fold, metrics)
+    assert json.loads(fold.metrics.read_text())["test"]["auc"] is None  # strict JSON on disk
+    back = read_metrics(fold)
+    assert math.isnan(back["test"]["auc"]) and back["test"]["f1"] == 0.25 and back["test"]["confusion_matrix"] == [[1]]
+    assert read_summary(run) == {}  # still training
+    write_summary(run, [back], {"auc": (math.nan, math.nan), "f1": (0.25, 0.0)}, ("auc", "f1"))
+    assert read_summary(run) == {"auc": ("nan", "nan"), "f1": ("0.25", "0.0")}
+    write_splits(Splits((SplitRow(1, "train", "a"), SplitRow(0, "test", "b"), SplitRow(1, "val", "c"),
+                         SplitRow(1, "train", "d"))), run.splits)
+    assert split_sizes(run) == [(0, {"train": 0, "val": 0, "test": 1}), (1, {"train": 2, "val": 1, "test": 0})]
+    assert fold.number == 0 and run.fold(12).number == 12
+
+
+def test_status_counts_each_outputs_manifest_and_each_runs_finished_folds(tmp_path):
+    layout = Layout(tmp_path)
+    assert workspace_status(layout).empty
+    patches = layout.patch_set("20x_256px_0px")
+    patches.coords_dir.mkdir(parents=True)
+    for slide_id, status in (("a", "done"), ("b", "failed"), ("c", "no_tissue"), ("d", "done"), ("e", "failed")):
+        update_manifest(patches.manifest, {"slide_id": slide_id, "status": status}, ["slide_id", "status"])
+    run = layout.run("r")
+    for k in (0, 1):
+        run.fold(k).dir.mkdir(parents=True)
+        run.fold(k).best.write_bytes(b"")
+    write_metrics(run.fold(1), {"fold": 1})
+    state = workspace_status(layout)
+    assert state.outputs == [OutputStatus("patches/20x_256px_0px", done=2, failed=2, no_tissue=1,
+                                          first_failures=("b", "e", "c"))]
+    assert state.runs == [RunStatus("runs/r", finished_folds=1, summarized=False)]

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline import faults
-from wsi_pipeline.errors import StorageError
+from wsi_pipeline.errors import InputError, StorageError
 from wsi_pipeline.workspace.locks import pid_alive
 
 WORKSPACE_ENV = "WSIP_OUT"
@@ -37,7 +38,10 @@ def workspace_root(out: str | os.PathLike[str] | None = None) -> Path:
     Resolved once, here, so every path a stage records is absolute: a workspace used from another folder
     (or by a Slurm job started elsewhere) finds the same files.
     """
-    return Path(out or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser().resolve()
+    root = Path(out or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root}: the workspace (--out, `out:` or $WSIP_OUT) is a file, not a folder; pass a folder")
+    return root
 
 
 TMP_MARK = ".tmp-"
@@ -51,7 +55,7 @@ def temp_name(path: Path) -> Path:
 
 
 def remove_stale_temps(*folders: Path) -> int:
-    """Delete temp files whose writer ran on this host and is dead (a SIGKILL skips `atomic_write`'s
+    """Delete temp files and staging folders whose writer ran on this host and is dead (a SIGKILL skips `atomic_write`'s
     cleanup); temp files of other hosts are left alone. Returns how many were removed."""
     removed = 0
     for folder in folders:
@@ -60,7 +64,10 @@ def remove_stale_temps(*folders: Path) -> int:
             pid = rest.partition("-")[0]
             if host == _HOST and pid.isdigit() and not pid_alive(int(pid)):
                 with contextlib.suppress(OSError):  # gone meanwhile, or a read-only workspace: leave it
-                    tmp.unlink()
+                    if tmp.is_dir() and not tmp.is_symlink():  # a staging folder (`wsip view`)
+                        shutil.rmtree(tmp)
+                    else:
+                        tmp.unlink()
                     removed += 1
     return removed
 

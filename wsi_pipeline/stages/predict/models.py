@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -48,7 +49,9 @@ def load_fold_models(run: RunDir, fold: int | None, device: torch.device) -> lis
             meta = checkpoint["meta"]
             model = ModelSpec(**{**meta["model"], "classes": tuple(meta["model"]["classes"])}).build()
             model.load_state_dict(checkpoint["model_state"])
-        except (OSError, KeyError, RuntimeError, TypeError, UserError) as exc:
+        except pickle.UnpicklingError as exc:  # weights_only refused it: code or objects we never save
+            raise UserError(f"{f.best}: not a wsip checkpoint ({one_line(exc)}); retrain this fold") from None
+        except (OSError, KeyError, RuntimeError, TypeError, ValueError, UserError) as exc:
             raise UserError(f"{f.best}: unreadable checkpoint ({one_line(exc)}); retrain this fold") from None
         models.append((model.to(device).eval(), meta))
     return models

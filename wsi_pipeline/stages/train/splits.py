@@ -24,6 +24,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
 from wsi_pipeline.errors import ConfigError, name_some
+from wsi_pipeline.workspace.csv_text import decoded_lines
 from wsi_pipeline.workspace.files import atomic_write
 
 PARTS = ("train", "val", "test")
@@ -147,18 +148,17 @@ def parse_splits_csv(path: Path) -> Splits:
     """The rows of a `fold,split,slide_id` CSV, format-checked only."""
     if not path.is_file():
         raise ConfigError(f"{path}: splits file not found (fix splits.file)")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
-        if not {"fold", "split", "slide_id"} <= set(reader.fieldnames):
-            raise ConfigError(f"{path}: needs columns fold,split,slide_id (found: {', '.join(reader.fieldnames)})")
-        return Splits(
-            tuple(
-                _parse_row(path, reader.line_num, *((r.get(k) or "").strip() for k in ("fold", "split", "slide_id")))
-                for r in reader
-                if any((v or "").strip() for v in r.values())
-            )
+    reader = csv.DictReader(decoded_lines(path))
+    reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
+    if not {"fold", "split", "slide_id"} <= set(reader.fieldnames):
+        raise ConfigError(f"{path}: needs columns fold,split,slide_id (found: {', '.join(reader.fieldnames)})")
+    return Splits(
+        tuple(
+            _parse_row(path, reader.line_num, *((r.get(k) or "").strip() for k in ("fold", "split", "slide_id")))
+            for r in reader
+            if any(v.strip() for v in r.values() if isinstance(v, str))
         )
+    )
 
 
 def validate_splits(splits: Splits, *, source: Path | str) -> None:

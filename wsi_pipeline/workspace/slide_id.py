@@ -34,7 +34,7 @@ def name_problem(text: str) -> str | None:
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
-        return "is not valid UTF-8 (rename the file)"
+        return "is not valid UTF-8"
     if size > MAX_BYTES:
         return f"is {size} bytes long, more than {MAX_BYTES} (shorten the name)"
     if "/" in text or "\\" in text:

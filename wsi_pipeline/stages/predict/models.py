@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -45,12 +46,15 @@ def load_fold_models(run: RunDir, fold: int | None, device: torch.device) -> lis
     models = []
     for f in folds:
         try:
-            checkpoint = torch.load(f.best, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about a foreign pickle protocol before refusing it
+                warnings.simplefilter("ignore", UserWarning)
+                checkpoint = torch.load(f.best, map_location="cpu", weights_only=True)
             meta = checkpoint["meta"]
             model = ModelSpec(**{**meta["model"], "classes": tuple(meta["model"]["classes"])}).build()
             model.load_state_dict(checkpoint["model_state"])
-        except pickle.UnpicklingError as exc:  # weights_only refused it: code or objects we never save
-            raise UserError(f"{f.best}: not a wsip checkpoint ({one_line(exc)}); retrain this fold") from None
+        except pickle.UnpicklingError:  # weights_only refused it: code or objects we never save, never run
+            raise UserError(f"{f.best}: not a wsip checkpoint (it pickles objects beyond tensors and numbers; "
+                            "nothing in it was run); retrain this fold") from None
         except (OSError, KeyError, RuntimeError, TypeError, ValueError, UserError) as exc:
             raise UserError(f"{f.best}: unreadable checkpoint ({one_line(exc)}); retrain this fold") from None
         models.append((model.to(device).eval(), meta))

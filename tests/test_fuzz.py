@@ -56,6 +56,7 @@ class Sandbox:
     features: Path
     runner: CliRunner = field(default_factory=CliRunner)
     codes: Counter = field(default_factory=Counter)
+    samples: dict = field(default_factory=dict)  # (generator, exit code) -> the first example's last line
 
     @property
     def ws(self) -> Path:
@@ -73,6 +74,7 @@ class Sandbox:
             after = self._finished()
             assert {k: after.get(k) for k in finished} == finished, f"{args}: finished outputs changed"
         self.codes[(kind, result.exit_code)] += 1
+        self.samples.setdefault((kind, result.exit_code), (args, result.output.strip().splitlines()[-1:]))
 
     def _outside(self) -> dict[str, tuple[int, int, int]]:
         return {str(p.relative_to(self.root)): _signature(p) for p in _walk(self.root) if not p.is_relative_to(self.ws)}
@@ -85,8 +87,8 @@ class Sandbox:
                 for row in read_manifest(path):
                     if row.get("status") == DONE:
                         state[f"{rel}:{row['slide_id']}"] = {k: v for k, v in row.items() if k not in TIMINGS}
-            elif path.is_file() and not (path.suffix == ".lock" or ".partial" in path.parts or ".locks" in path.parts
-                                         or ".tmp-" in path.name):
+            elif path.is_file() and not (path.suffix == ".lock" or {".partial", ".locks", "qc"} & set(path.parts)
+                                         or ".tmp-" in path.name):  # QC images show the latest attempt
                 state[rel] = _signature(path)
         return state
 
@@ -122,6 +124,8 @@ def sandbox(tmp_path_factory, make_slide) -> Iterator[Sandbox]:
     yield box
     if FULL:
         print("\nfuzz examples by generator and exit code:", dict(sorted(box.codes.items())))
+        for key, sample in sorted(box.samples.items()):
+            print(key, sample)
 
 
 def _config(box: Sandbox, labels: Path, **changes: object) -> dict:
@@ -227,17 +231,22 @@ _ints = st.one_of(st.sampled_from(["0", "-1", "16385", "1000000000", str(2**63),
                   st.integers(-10, 600).map(str))
 
 
+_GOOD = {"--mag": st.sampled_from(["20", "10", "5", "2.5", "40"]), "--patch-size": st.integers(64, 512).map(str),
+         "--overlap": st.integers(0, 63).map(str), "--min-tissue": st.sampled_from(["0", "0.25", "0.5", "1"]),
+         "--mpp": st.sampled_from(["0.25", "0.5", "50", "0.05"]), "--mpp-override": st.sampled_from(["0.25", "0.5"])}
+_BAD = {"--mag": st.one_of(_floats, st.sampled_from(["0.1", "1000", "1000.1", "0.099"])), "--patch-size": _ints,
+        "--overlap": _ints, "--min-tissue": _floats, "--mpp": st.one_of(_floats, st.just("0.049")),
+        "--mpp-override": _floats}
+
+
 @SETTINGS
-@given(mag=st.one_of(_floats, st.sampled_from(["20", "10", "5", "0.1", "1000", "1000.1"])),
-       size=st.one_of(_ints, st.integers(64, 512).map(str)), overlap=_ints,
-       tissue=st.one_of(_floats, st.sampled_from(["0", "0.5", "1"])),
-       mpp=st.one_of(st.none(), _floats, st.sampled_from(["0.25", "50", "0.05", "0.049"])),
-       override=st.one_of(st.none(), _floats, st.sampled_from(["0.25", "0.5", "50"])))
-def test_fuzz_patch_numbers(sandbox, mag, size, overlap, tissue, mpp, override):
-    args = ["patch", str(sandbox.slide), "--out", str(sandbox.ws), "--quiet", f"--mag={mag}", f"--patch-size={size}",
-            f"--overlap={overlap}", f"--min-tissue={tissue}"]
-    args += [f"--mpp={mpp}"] * (mpp is not None) + [f"--mpp-override={override}"] * (override is not None)
-    sandbox.run("numbers", args)
+@given(good=st.fixed_dictionaries({}, optional=_GOOD), bad=st.dictionaries(st.sampled_from(sorted(_BAD)), st.none(),
+                                                                          max_size=2), data=st.data())
+def test_fuzz_patch_numbers(sandbox, good, bad, data):
+    """Mostly valid flags (each present or not), with zero to two bad ones."""
+    flags = {**good, **{flag: data.draw(_BAD[flag], label=flag) for flag in bad}}
+    args = ["patch", str(sandbox.slide), "--out", str(sandbox.ws), "--quiet"]
+    sandbox.run("numbers", args + [f"{flag}={value}" for flag, value in sorted(flags.items())])
 
 
 def test_the_generators_reach_every_exit_code(sandbox):

@@ -43,6 +43,8 @@ def name_problem(text: str) -> str | None:
         return "starts with '.' (hidden files and '..' are not slide names)"
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
         return "contains a control character"
+    if text != text.strip():
+        return "starts or ends with a space (a labels CSV could never name it)"
     return None
 
 

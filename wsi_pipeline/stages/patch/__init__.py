@@ -92,9 +92,10 @@ def patch_slide(source: SlideSource, *, params: PatchParams, patch_set: PatchSet
 
     Coords made from an older version of the file are removed before anything is read: if the slide now
     fails, nothing derived from its previous version stays usable. Coords of the same file made with other
-    settings stay until new ones replace them: a request that fails never costs finished work (a no-tissue
-    result replaces them). Current coords are reused only while the tissue outline is there too (a workspace
-    patched before outlines were kept gets them).
+    settings (and their tissue outline) stay until new ones replace them: a request that fails or finds no
+    tissue never costs finished work; only the QC image, a diagnostic, shows the latest attempt. Current
+    coords are reused only while the tissue outline is there too (a workspace patched before outlines were
+    kept gets them).
     """
     coords_path = patch_set.coords(source.slide_id)
     key, fingerprint = slide_key(params, source), file_fingerprint(source.path)
@@ -118,15 +119,14 @@ def patch_slide(source: SlideSource, *, params: PatchParams, patch_set: PatchSet
         timings["grid_s"] = time.perf_counter() - t
         t = time.perf_counter()
         qc.write_qc(patch_set.qc(source.slide_id), slide, tissue, coords, plan.patch_size_level0, sharper)
-        geojson.write_geojson(patch_set.mask(source.slide_id),
-                              geojson.tissue_features(tissue.contours, tissue.holes, tissue.hole_parents))
         attrs = _h5_attrs(slide, plan, params, tissue.mode, key, fingerprint)
         row = _manifest_row(attrs, len(coords))
-        if len(coords) == 0:
-            coords_path.unlink(missing_ok=True)
+        if len(coords) == 0:  # the QC image shows why; finished coords of other settings stay
             return SlideOutcome(source.slide_id, runner.NO_TISSUE, row,
                                 f"no tissue found ({tissue.tissue_area_um2 / 1e6:.3f} mm² detected); check the "
                                 "QC image, or lower --min-tissue / pass a mask")
+        geojson.write_geojson(patch_set.mask(source.slide_id),
+                              geojson.tissue_features(tissue.contours, tissue.holes, tissue.hole_parents))
         write_coords(coords_path, coords, attrs)
         timings["write_s"] = time.perf_counter() - t
     row.update({k: f"{v:.3f}" for k, v in timings.items()})

@@ -292,7 +292,7 @@ def status(out: OutOpt = None) -> None:
     for output in outputs:
         rows = read_manifest(output.manifest)
         by = {s: [r for r in rows if r["status"] == s] for s in (DONE, FAILED, NO_TISSUE)}
-        first = ", ".join(r["slide_id"] for r in (by[FAILED] + by[NO_TISSUE])[:3])
+        first = escape(", ".join(r["slide_id"] for r in (by[FAILED] + by[NO_TISSUE])[:3]))
         table.add_row(str(output.dir.relative_to(layout.root)), str(len(by[DONE])), str(len(by[FAILED])),
                       str(len(by[NO_TISSUE])), first)
     for run in runs:

@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo check test lint bench faults clean
+.PHONY: demo check test lint bench faults fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ bench: $(STAMP)
 
 faults: $(STAMP)
 	$(BIN)/python -m pytest -q -s -m faults tests/test_faults.py
+
+# 4 generators x 1250 examples: labels CSVs, YAML configs, slide file names, patch numbers (docs/reliability.md)
+fuzz: $(STAMP)
+	WSIP_FUZZ_EXAMPLES=1250 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) wsip_out demo_out .pytest_cache

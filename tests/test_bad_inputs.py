@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
+import os
+import pickle
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,6 +137,49 @@ def unfinished_run(folder: Path, cohort: Path) -> None:
     Layout(cohort.parent / "finished" / "ws").run("unfinished").fold(0).dir.mkdir(parents=True, exist_ok=True)
 
 
+def renamed_slide(name: bytes) -> Callable[[Path, Path], None]:
+    """A copy of a cohort slide under the file name `name` (raw bytes: it need not be UTF-8), in `{in}/odd/`."""
+    def make(folder: Path, cohort: Path) -> None:
+        (folder / "odd").mkdir()
+        shutil.copy(cohort / "slides" / "demo_00.svs", os.path.join(bytes(folder / "odd"), name))
+    return make
+
+
+def hostile_features(folder: Path, cohort: Path) -> Path:
+    """The audit's features folder (no params.json) with `h5_files/<id>.h5` for the cohort, plus the target
+    `{in}/elsewhere/evil.h5` that a `../` slide id would reach from it."""
+    feats = h5_features()(folder, cohort)
+    (folder / "elsewhere").mkdir()
+    shutil.copy(feats / "h5_files" / "demo_00.h5", folder / "elsewhere" / "evil.h5")
+    return feats
+
+
+def huge_declared_h5(folder: Path, cohort: Path) -> Path:
+    """demo_00.h5 declaring (2^34, 512) float32 features (32 TiB) in a file of a few KB."""
+    feats = h5_features()(folder, cohort)
+    with h5py.File(feats / "h5_files" / "demo_00.h5", "w") as f:
+        f.create_dataset("features", shape=(2**34, 512), dtype="f4", chunks=(1024, 512))
+        f.create_dataset("coords", shape=(2**34, 2), dtype="i8", chunks=(1024, 2))
+    return feats
+
+
+def pickled_run(folder: Path, cohort: Path) -> None:
+    """A copy of run `r` in `{in}/run_p` whose fold 0 `best.pt` is a pickle that would run code."""
+    shutil.copytree(cohort.parent / "finished" / "ws" / "runs" / "r", folder / "run_p")
+    for best in (folder / "run_p").glob("fold_*/best.pt"):
+        best.write_bytes(pickle.dumps(Exploit()))
+
+
+class Exploit:
+    def __reduce__(self) -> tuple:
+        return (os.system, ("touch exploited",))
+
+
+def out_is_a_file(folder: Path, cohort: Path) -> None:
+    (folder / "afile").write_text("not a folder\n")
+    train_config(out=str(folder / "afile"))(folder, cohort)
+
+
 # ------------------------------------------------------------------------------------------- the table
 
 
@@ -244,6 +290,63 @@ CASES = [
          ("photo.jpg", "microns-per-pixel", "--mpp"), photo),
     Case("predict --annotations missing folder", (*PREDICT, "--annotations", "{in}/regions"), 2,
          ("--annotations", "no such folder")),
+    # names that would leave the workspace or cannot name a file (docs/reliability.md, "Names")
+    Case("labels slide_id ../../elsewhere/evil", TRAIN, 2, ("labels.csv:11", "path separator"),
+         train_config(labels=[*cohort_labels(9), "../../elsewhere/evil,tumour"], features=hostile_features,
+                      model={"name": "gmmamba"})),
+    Case("labels slide_id /elsewhere/evil2", TRAIN, 2, ("labels.csv:11", "path separator"),
+         train_config(labels=[*cohort_labels(9), "/elsewhere/evil2,tumour"], features=hostile_features,
+                      model={"name": "gmmamba"})),
+    Case("labels slide_id ..", TRAIN, 2, ("labels.csv:11", "starts with '.'"),
+         train_config(labels=[*cohort_labels(9), "..,tumour"])),
+    Case("view ../../../../x/victim", ("view", "../../../../x/victim", "--run", "r", "--out", "{ws}"), 2,
+         ("../../../../x/victim", "path separator")),
+    Case("view --run ../x", ("view", "demo_00", "--run", "../x", "--out", "{ws}"), 2, ("run name", "../x")),
+    Case("slide file name not UTF-8", (*PATCH, "{in}/odd"), 1, ("caf\\xe9", "not valid UTF-8", "rename the file"),
+         renamed_slide(b"caf\xe9.svs")),
+    Case("250-character slide name", (*PATCH, "{in}/odd"), 1, ("250 bytes long", "shorten the name"),
+         renamed_slide(b"s" * 250 + b".svs")),
+    Case("slide name with a newline", (*PATCH, "{in}/odd"), 1, ("control character", "rename the file"),
+         renamed_slide(b"a\nb.svs")),
+    Case("hidden slide name", (*PATCH, "{in}/odd"), 1, ("starts with '.'", "rename the file"),
+         renamed_slide(b".hidden.svs")),
+    # numbers checked before any work; finished outputs kept
+    Case("--mpp 0", (*PATCH, "{slide}", "--mpp", "0"), 2, ("--mpp 0.0", "plausible", "e.g. 0.25")),
+    Case("--mpp nan", (*PATCH, "{slide}", "--mpp", "nan"), 2, ("--mpp nan", "plausible")),
+    Case("--mpp -1", (*PATCH, "{slide}", "--mpp", "-1"), 2, ("--mpp -1.0", "plausible")),
+    Case("--mpp-override inf", (*PATCH, "{slide}", "--mpp-override", "inf"), 2, ("--mpp-override inf", "plausible")),
+    Case("predict --mpp 0", (*PREDICT, "--mpp", "0"), 2, ("--mpp 0.0", "plausible")),
+    Case("--mpp 0.25 on slides that record their MPP", (*PATCH, "{slides}", "--mpp", "0.25"), 0, ("10 cached",)),
+    Case("--mag inf", (*PATCH, "{slide}", "--mag", "inf"), 2, ("--mag", "positive", "got inf")),
+    Case("--mag nan", (*PATCH, "{slide}", "--mag", "nan"), 2, ("--mag", "positive", "got nan")),
+    Case("--patch-size 10^9", (*PATCH, "{slide}", "--patch-size", "1000000000"), 2, ("--patch-size", "at most")),
+    Case("--min-tissue nan", (*PATCH, "{slide}", "--min-tissue", "nan"), 2, ("--min-tissue", "[0, 1]")),
+    Case("patch --workers 0", (*PATCH, "{slide}", "--workers", "0"), 2, ("--workers", "at least 1")),
+    Case("train lr .inf", TRAIN, 2, ("cfg.yaml", "optim.lr", "finite"), train_config(optim={"lr": float("inf")})),
+    Case("train epochs nan", TRAIN, 2, ("cfg.yaml", "optim.epochs"), train_config(optim={"epochs": float("nan")})),
+    # readers
+    Case("labels CSV with a BOM (Excel CSV UTF-8)", TRAIN, 0, ("mean ± std",),
+         train_config(labels=["\ufeffslide_id,label", *cohort_labels()[1:]])),
+    Case("labels CSV not UTF-8", TRAIN, 2, ("labels.csv: line 3", "not UTF-8", "save the CSV as UTF-8"),
+         lambda folder, cohort: (train_config(labels=cohort_labels())(folder, cohort),
+                                 (folder / "labels.csv").write_bytes(b"slide_id,label\ndemo_00,normal\n"
+                                                                     b"demo_01,tum\xf6ur\n"))),
+    Case("labels differing only in case", TRAIN, 2, ("labels.csv", "'Tumour' / 'tumour'", "differ only in case"),
+         train_config(labels=[*cohort_labels(9), "demo_09,Tumour"])),
+    Case("slide CSV with a BOM", (*PATCH, "{in}/slides.csv"), 0, ("1 cached",),
+         slide_csv("\ufeffslide_path,mpp\n{slide},\n")),
+    Case("slide CSV not UTF-8", (*PATCH, "{in}/slides.csv"), 2, ("slides.csv: line 2", "not UTF-8"),
+         write("slides.csv", b"slide_path,mpp\n/x/caf\xe9.svs,\n")),
+    Case("config not UTF-8", TRAIN, 2, ("cfg.yaml", "not a UTF-8 text YAML"),
+         lambda folder, cohort: (folder / "cfg.yaml").write_bytes(b"name: caf\xe9\n")),
+    Case("config out: a file", TRAIN, 2, ("cfg.yaml", "afile is a file", "point `out:` at a workspace folder"),
+         out_is_a_file),
+    Case("patch --out a file", ("patch", "{slide}", "--out", "{in}/afile", "--quiet"), 2,
+         ("{in}/afile", "is a file", "pass a folder"), write("afile", "x\n")),
+    Case("features h5 declaring 32 TiB", TRAIN, 2, ("demo_00.h5", "declares shape (17179869184, 512)", "damaged"),
+         train_config(features=huge_declared_h5)),
+    Case("pickle payload as best.pt", ("predict", "{slide}", "--run", "{in}/run_p", "--out", "{ws}"), 2,
+         ("best.pt", "not a wsip checkpoint", "retrain this fold"), pickled_run),
     # a read-only workspace that must be written
     Case("read-only workspace: a new patch config", (*PATCH, "{slides}", "--mag", "10"), 2,
          ("{ws}", "read-only", "--out to a writable folder"), read_only=True),
@@ -327,3 +430,58 @@ def test_bad_input(case, finished, wsip, tmp_path):
     if case.code == 1:  # the failure is recorded, in its slide's manifest row
         rows = [r for m in ws.rglob(MANIFEST) for r in csv.DictReader(m.open()) if r["status"] != "done"]
         assert any(all(filled(w) in r["error"] for w in case.says[1:]) for r in rows), rows
+
+
+# ------------------------------------------------------------------------- the audit's failures, replayed
+
+
+def tree_state(folder: Path) -> dict[str, str]:
+    """Every folder and file under `folder`, files by content: what must not change outside a workspace."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in folder.rglob("*")}
+
+
+def test_two_predicts_of_one_slide_both_succeed_alike(finished, wsip, tmp_path):
+    """Two `wsip predict` of the same new slide with the same run at once: one patches and encodes it under
+    the shared per-slide locks of `predictions/_slides/`, the other waits and reuses: both exit 0, alike."""
+    ws = finished / "finished" / "ws"
+    holdout = next((finished / "cohort").rglob("holdout.svs"))
+    runs = []
+    for i in range(2):
+        (tmp_path / str(i)).mkdir()
+        runs.append(wsip.start(["predict", str(holdout), "--run", "r", "--out", str(ws)], tmp_path / str(i),
+                               COLUMNS="1000"))
+    procs = [r.wait() for r in runs]
+    for proc in procs:
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    rows = [[line for line in p.stderr.splitlines() if line.lstrip("│ ").startswith("holdout ")] for p in procs]
+    assert rows[0] and rows[0] == rows[1], procs
+    record = json.loads(Layout(ws).predictions("r").record("holdout").read_text())
+    assert record["slide_id"] == "holdout" and abs(sum(record["probabilities"].values()) - 1) < 1e-5
+
+
+def test_view_of_a_hostile_slide_id_touches_nothing_outside(finished, wsip, tmp_path):
+    """The audit's `wsip view "../../../../x/victim" --run r`, with `x/victim/` beside the workspace: refused
+    in one line, and the folder outside is left as it was."""
+    sandbox = tmp_path / "sandbox"
+    shutil.copytree(finished / "finished" / "ws", sandbox / "a" / "ws", symlinks=True)
+    (sandbox / "a" / "x" / "victim").mkdir(parents=True)
+    (sandbox / "a" / "x" / "victim" / "data.txt").write_text("precious\n")
+    ws = sandbox / "a" / "ws"
+    hostile = "../../../../x/victim"  # predictions/r/viewer/<id> → a/x/victim
+    assert (ws / "predictions" / "r" / "viewer" / hostile).resolve() == (sandbox / "a" / "x" / "victim").resolve()
+    outside = {k: v for k, v in tree_state(sandbox).items() if not k.startswith("a/ws")}
+    proc = wsip(["view", hostile, "--run", "r", "--out", str(ws)], tmp_path)
+    assert proc.returncode == 2 and "path separator" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert {k: v for k, v in tree_state(sandbox).items() if not k.startswith("a/ws")} == outside
+
+
+def test_train_with_hostile_slide_ids_reads_and_writes_nothing_outside(finished, wsip, tmp_path):
+    """The audit's labels CSV naming `../../elsewhere/evil` beside a features folder without params.json, model
+    gmmamba (whose group cache wrote `evil.npz` outside): refused in one line; `elsewhere/` as it was."""
+    train_config(labels=[*cohort_labels(9), "../../elsewhere/evil,tumour"], features=hostile_features,
+                 model={"name": "gmmamba"})(tmp_path, finished / "cohort")
+    before = tree_state(tmp_path / "elsewhere")
+    proc = wsip(["train", "--cfg", str(tmp_path / "cfg.yaml"), "--quiet"], tmp_path)
+    assert proc.returncode == 2 and "path separator" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert tree_state(tmp_path / "elsewhere") == before

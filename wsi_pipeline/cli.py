@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -30,6 +31,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Workspace folder (default $WSIP_OUT or ./wsip_out).")]
 ShardOpt = Annotated[str | None, typer.Option("--shard", help="Process part i of N: 'i/N' (or Slurm array vars).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even when a finished output matches.")]
+MppOpt = Annotated[float | None, typer.Option("--mpp", help="µm/px for slides that record none.")]
+MppOverrideOpt = Annotated[float | None, typer.Option(
+    "--mpp-override", help="µm/px replacing what every slide records (a CSV `mpp` column: per slide).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (logs, CI).")]
 
 
@@ -41,7 +45,8 @@ def patch(
     patch_size: Annotated[int, typer.Option("--patch-size", help="Patch side in px at --mag.")] = 256,
     overlap: Annotated[int, typer.Option("--overlap", help="Overlap in px at --mag.")] = 0,
     min_tissue: Annotated[float, typer.Option("--min-tissue", help="Min tissue fraction per patch.")] = 0.25,
-    mpp: Annotated[float | None, typer.Option("--mpp", help="µm/px for slides that record none.")] = None,
+    mpp: MppOpt = None,
+    mpp_override: MppOverrideOpt = None,
     allow_upsample: Annotated[bool, typer.Option("--allow-upsample", help="Allow --mag above the scan.")] = False,
     masks: Annotated[Path | None, typer.Option("--masks", help="Folder of <slide_id>.geojson|.png masks.")] = None,
     tissue: Annotated[str, typer.Option("--tissue", help="auto | brightfield | fluorescence (dark background).")
@@ -59,7 +64,7 @@ def patch(
     from wsi_pipeline.stages.inputs import resolve_inputs
 
     with user_errors():
-        sources = resolve_inputs(slides, mpp=mpp)
+        sources = resolve_inputs(slides, mpp=mpp, mpp_override=mpp_override)
         params = patch_stage.PatchParams(magnification_x=mag, patch_size_px=patch_size, overlap_px=overlap,
                                          min_tissue_fraction=min_tissue, allow_upsample=allow_upsample,
                                          segment=patch_stage.SegmentParams(tissue=tissue),
@@ -127,7 +132,7 @@ def train(
         table.add_row(str(fold.fold), *(_fmt(test.get(m)) for m in metrics))
     table.add_row("[bold]mean ± std", *(f"{m:.3f} ± {s:.3f}" for m, s in result.summary.values()))
     out_console.print(table)
-    console.print(f"run → {result.run_dir} (report.md, summary.csv)", highlight=False)
+    console.print(escape(f"run → {result.run_dir} (report.md, summary.csv)"), highlight=False)
 
 
 def _fmt(value: Any) -> str:
@@ -140,7 +145,8 @@ def predict(
     run: Annotated[str | None, typer.Option("--run", help="A run name or runs/<name> folder (default: newest).")
                    ] = None,
     fold: Annotated[int | None, typer.Option("--fold", help="Use one fold's model instead of all.")] = None,
-    mpp: Annotated[float | None, typer.Option("--mpp", help="µm/px for slides that record none.")] = None,
+    mpp: MppOpt = None,
+    mpp_override: MppOverrideOpt = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:i.")] = "auto",
     heatmap: Annotated[bool, typer.Option("--heatmap/--no-heatmap", help="Write an attention heatmap PNG.")] = True,
     annotations: Annotated[Path | None, typer.Option(
@@ -157,7 +163,7 @@ def predict(
     from wsi_pipeline.workspace.manifest import DONE
 
     with user_errors():
-        sources = resolve_inputs(slides, mpp=mpp)
+        sources = resolve_inputs(slides, mpp=mpp, mpp_override=mpp_override)
         params = predict_stage.PredictParams(run=run, fold=fold, device=device, heatmap=heatmap,
                                              annotations=annotations.resolve() if annotations else None)
         with console.status("patching, extracting and predicting…"):
@@ -167,15 +173,17 @@ def predict(
         table.add_column(col)
     for p in result.predictions:
         if p.status == DONE:
-            table.add_row(p.slide_id, *(f"{p.probabilities[c]:.3f}" for c in result.classes), p.predicted)
+            table.add_row(escape(p.slide_id), *(f"{p.probabilities[c]:.3f}" for c in result.classes),
+                          escape(p.predicted))
         else:
-            table.add_row(p.slide_id, *("–" for _ in result.classes), f"[red]failed: {p.error}")
+            table.add_row(escape(p.slide_id), *("–" for _ in result.classes), f"[red]failed: {escape(p.error)}")
     out_console.print(table)
     for p in result.predictions:
         if p.status == DONE:
-            console.print(f"{p.slide_id}: {p.json_path}, heatmap {p.heatmap_path}, QC {p.qc_path}", highlight=False)
+            console.print(escape(f"{p.slide_id}: {p.json_path}, heatmap {p.heatmap_path}, QC {p.qc_path}"),
+                          highlight=False)
         if p.note:
-            console.print(f"[yellow]note[/]: {p.note}", highlight=False)
+            console.print(f"[yellow]note[/]: {escape(p.note)}", highlight=False)
     if any(p.status != DONE for p in result.predictions):
         raise typer.Exit(1)
 
@@ -194,7 +202,7 @@ def report(
         result = write_report(ReportParams(run=run, thumbnail_px=thumbnail_px), out=out)
     console.print(f"report of {result.slides} slides ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s):",
                   highlight=False)
-    out_console.print(str(result.path), highlight=False, soft_wrap=True)
+    out_console.print(escape(str(result.path)), highlight=False, soft_wrap=True)
 
 
 export_app = typer.Typer(no_args_is_help=True, help="Results for other tools: QuPath GeoJSON.")
@@ -280,10 +288,10 @@ def status(out: OutOpt = None) -> None:
     for col in ("stage output", "done", "failed", "no tissue", "failures (first 3)"):
         table.add_column(col)
     for output in state.outputs:
-        table.add_row(output.name, str(output.done), str(output.failed), str(output.no_tissue),
-                      ", ".join(output.first_failures))
+        table.add_row(escape(output.name), str(output.done), str(output.failed), str(output.no_tissue),
+                      escape(", ".join(output.first_failures)))
     for run in state.runs:
-        table.add_row(run.name, f"{run.finished_folds} folds", "", "",
+        table.add_row(escape(run.name), f"{run.finished_folds} folds", "", "",
                       "summary.csv" if run.summarized else "in progress")
     out_console.print(table)
 

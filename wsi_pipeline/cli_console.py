@@ -107,11 +107,11 @@ def report_outcomes(outcomes: list[Any], out_dir: Path) -> None:
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    console.print(f"{summary} → {out_dir}", highlight=False)
+    console.print(escape(f"{summary} → {out_dir}"), highlight=False)
     failed = [o for o in outcomes if o.status in FAILURES]
-    if failed:
-        console.print(f"[red]{len(failed)} slide(s) failed[/]: " + ", ".join(o.slide_id for o in failed) +
-                      f" (reasons in {out_dir / MANIFEST})", highlight=False)
+    if failed:  # names and paths printed as text: a `[...]` in them is not console markup
+        console.print(f"[red]{len(failed)} slide(s) failed[/]: " + escape(", ".join(o.slide_id for o in failed) +
+                      f" (reasons in {out_dir / MANIFEST})"), highlight=False)
         raise typer.Exit(1)
 
 
@@ -139,8 +139,8 @@ def report_findings(findings: list[Any]) -> None:
 
 def report_written(kind: str, written: list[Path], failed: dict[str, str], out_dir: Path) -> None:
     """`N <kind> files → folder`, then one line per slide that could not be written (exit 1)."""
-    console.print(f"{len(written)} {kind} file(s) → {out_dir}", highlight=False)
+    console.print(escape(f"{len(written)} {kind} file(s) → {out_dir}"), highlight=False)
     for slide_id, reason in failed.items():
-        console.print(f"[red]{slide_id}[/]: {reason}", highlight=False, soft_wrap=True)
+        console.print(f"[red]{escape(slide_id)}[/]: {escape(reason)}", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)

@@ -29,7 +29,9 @@ WSI_EXTENSIONS = (
 # of its first page, which has no MPP: "pass --mpp" would be the wrong advice).
 _VENDOR_FORMATS = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 # Plausible scan resolutions; anything outside is a placeholder (e.g. 72 dpi TIFF defaults = 352 µm/px).
-_MPP_RANGE = (0.05, 50.0)
+MPP_RANGE = (0.05, 50.0)
+# `MppInfo.source` of a value the user gave: replacing the recorded one, or filling in for a slide without one.
+OVERRIDE, FALLBACK = "override", "--mpp (the slide records none)"
 
 
 class SlideError(UserError):
@@ -46,7 +48,7 @@ def _mpp_from_properties(props: Mapping[str, str]) -> MppInfo | None:
     """docs/design.md §5 order after the override: openslide.mpp > aperio.MPP > TIFF resolution > objective power."""
 
     def plausible(value: float) -> bool:
-        return _MPP_RANGE[0] <= value <= _MPP_RANGE[1]
+        return MPP_RANGE[0] <= value <= MPP_RANGE[1]
 
     def number(key: str) -> float | None:
         try:
@@ -198,7 +200,8 @@ class Slide:
     ...     patch = s.read_region((x, y), level=0, size=(256, 256))  # (256, 256, 3) uint8 RGB
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, mpp: float | None = None):
+    def __init__(self, path: str | os.PathLike[str], *, mpp: float | None = None,
+                 mpp_fallback: float | None = None):
         self.path = Path(path)
         if is_dicom_folder(self.path):
             file = _dicom_series_file(self.path)
@@ -214,7 +217,7 @@ class Slide:
         if self.backend == "image":
             props.update(_tiff_mpp_from_pil(self._handle))
         self.properties: Mapping[str, str] = props
-        self._mpp_override = mpp
+        self._mpp_override, self._mpp_fallback = mpp, mpp_fallback
         try:
             self.level_dimensions: list[tuple[int, int]] = [tuple(d) for d in self._handle.level_dimensions]
             self.level_downsamples: list[float] = [float(d) for d in self._handle.level_downsamples]
@@ -249,12 +252,19 @@ class Slide:
 
     @property
     def mpp_info(self) -> MppInfo | None:
-        """The slide's µm/px and where it came from, or None when nothing records it."""
+        """The slide's µm/px and where it came from (the override, what the slide records, else the fallback),
+        or None when nothing gives one."""
         if self._mpp_override is not None:
-            if not _MPP_RANGE[0] <= self._mpp_override <= _MPP_RANGE[1]:
-                raise SlideError(f"{self.path}: --mpp {self._mpp_override} is implausible (0.05–50 µm/px)")
-            return MppInfo(MPP(float(self._mpp_override)), "override")
-        return _mpp_from_properties(self.properties)
+            return self._given_mpp(self._mpp_override, OVERRIDE)
+        recorded = _mpp_from_properties(self.properties)
+        if recorded is None and self._mpp_fallback is not None:
+            return self._given_mpp(self._mpp_fallback, FALLBACK)
+        return recorded
+
+    def _given_mpp(self, value: float, source: str) -> MppInfo:
+        if not (math.isfinite(value) and MPP_RANGE[0] <= value <= MPP_RANGE[1]):
+            raise SlideError(f"{self.path}: µm/px {value} is implausible (0.05–50 µm/px)")
+        return MppInfo(MPP(float(value)), source)
 
     @property
     def mpp(self) -> MPP:

@@ -229,11 +229,12 @@ class ExtractResult:
 
 def extract(params: ExtractParams = ExtractParams(), *, out: str | Path | Layout | None = None,
             shard: str | None = None, force: bool = False, slide_ids: Sequence[str] | None = None,
-            on_done: Callable[[SlideOutcome], None] | None = None,
+            wait: bool = False, on_done: Callable[[SlideOutcome], None] | None = None,
             on_patches: Callable[[str, int, int], None] | None = None) -> ExtractResult:
     """Encode every patched slide into `<out>/features/<patch config>/<feature set>/`.
 
-    Callable from Python exactly as `wsip extract`; `slide_ids` restricts the run (used by `wsip predict`).
+    Callable from Python exactly as `wsip extract`; `slide_ids` restricts the run and `wait` waits for slides
+    another process holds (both used by `wsip predict`).
     The feature set's `params.json` records the extract params that make the features (precision resolved),
     the weights' sha256 and the patch params, so the set describes itself wherever the workspace is moved.
     A feature set whose slides are all current writes nothing (works on a read-only workspace).
@@ -253,7 +254,7 @@ def extract(params: ExtractParams = ExtractParams(), *, out: str | Path | Layout
     jobs = take_shard(jobs, parse_shard(shard), key=lambda j: j.slide_id)
     with storage_errors(layout.root):
         feature_set.dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(*feature_set.output_dirs())
+        remove_stale_temps(*feature_set.output_dirs(), *layout.staging_dirs())
         write_json_if_changed(feature_set.params, {
             **{k: v for k, v in asdict(params).items() if k not in _RUN_KNOBS},
             "precision": precision_name(params.precision, device), "weights_sha256": encoder.weights_sha256,
@@ -264,5 +265,5 @@ def extract(params: ExtractParams = ExtractParams(), *, out: str | Path | Layout
         current = partial(is_current, encoder=encoder, params=params, feature_set=feature_set)
         outcomes = runner.run_cohort(job, jobs, slide_id=lambda j: j.slide_id, outputs=feature_set,
                                      columns=MANIFEST_COLUMNS, is_current=lambda j: not force and current(j),
-                                     on_done=on_done)
+                                     wait=wait, on_done=on_done)
     return ExtractResult(feature_set, outcomes)

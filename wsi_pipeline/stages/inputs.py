@@ -5,23 +5,27 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from wsi_pipeline.errors import InputError
-from wsi_pipeline.slide import is_slide_file, slide_id_for, slide_location
+from wsi_pipeline.slide import MPP_RANGE, is_slide_file, slide_id_for, slide_location
+from wsi_pipeline.workspace.csv_text import decoded_lines
+from wsi_pipeline.workspace.slide_id import name_problem, shown
 
 
 @dataclass(frozen=True)
 class SlideSource:
-    """One slide to process (absolute path) with its optional per-slide MPP override (a CSV `mpp` column).
+    """One slide to process (absolute path), with its MPP override (a CSV `mpp` column or `--mpp-override`:
+    wins over what the slide records) and its MPP fallback (`--mpp`: used only when the slide records none).
 
     A DICOM WSI is its series folder: a .dcm file given here stands for the folder it is in.
     """
 
     path: Path
     mpp: float | None = None
+    mpp_fallback: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", slide_location(Path(self.path).expanduser().absolute()))
@@ -33,6 +37,14 @@ class SlideSource:
         return slide_id_for(self.path)
 
 
+def check_mpp(value: float | None, what: str) -> float | None:
+    """A plausible µm/px (finite, within `MPP_RANGE`), or a one-line `InputError` before any work."""
+    if value is not None and not (math.isfinite(value) and MPP_RANGE[0] <= value <= MPP_RANGE[1]):
+        raise InputError(f"{what} {value!r} is not a plausible µm per pixel ({MPP_RANGE[0]}–{MPP_RANGE[1]:g}; e.g. "
+                         "0.25 for 40x, 0.5 for 20x)")
+    return value
+
+
 def _csv_mpp(text: str, where: str) -> float | None:
     if not text:
         return None
@@ -42,32 +54,38 @@ def _csv_mpp(text: str, where: str) -> float | None:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
         raise InputError(f"{where}: mpp {text!r} is not a positive number of µm per pixel (e.g. 0.25 or 0.5)")
-    return value
+    return check_mpp(value, f"{where}: mpp")
 
 
 def _read_slide_csv(path: Path) -> list[SlideSource]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if "slide_path" not in (reader.fieldnames or []):
-            raise InputError(f"{path}: a slide CSV needs a `slide_path` column (optional: `mpp`)")
-        sources = []
-        for line, row in enumerate(reader, start=2):
-            slide_path = Path((row["slide_path"] or "").strip())
-            if not slide_path.is_absolute():
-                slide_path = path.parent / slide_path
-            sources.append(SlideSource(slide_path, _csv_mpp((row.get("mpp") or "").strip(), f"{path}:{line}")))
+    reader = csv.DictReader(decoded_lines(path))
+    if "slide_path" not in (reader.fieldnames or []):
+        raise InputError(f"{path}: a slide CSV needs a `slide_path` column (optional: `mpp`)")
+    sources = []
+    for line, row in enumerate(reader, start=2):
+        text = (row["slide_path"] or "").strip()
+        if not text:
+            raise InputError(f"{path}:{line}: empty slide_path (fill it in or drop the row)")
+        slide_path = Path(text)
+        if not slide_path.is_absolute():
+            slide_path = path.parent / slide_path
+        sources.append(SlideSource(slide_path, _csv_mpp((row.get("mpp") or "").strip(), f"{path}:{line}")))
     return sources
 
 
-def resolve_inputs(inputs: Iterable[str | os.PathLike[str]], *, mpp: float | None = None) -> list[SlideSource]:
+def resolve_inputs(inputs: Iterable[str | os.PathLike[str]], *, mpp: float | None = None,
+                   mpp_override: float | None = None) -> list[SlideSource]:
     """Files, folders (recursing over known WSI extensions) or CSVs with `slide_path`[, `mpp`] → slides.
 
     In a folder, the .dcm files of one sub-folder are one DICOM WSI series, so one slide named by that folder.
 
-    `mpp` (the `--mpp` flag) applies to slides without a CSV value. A path given on the command line that
-    does not exist is an input error; a CSV row naming a missing file fails that slide only. Duplicate
-    slide ids are an error, since every output is named by slide id.
+    `mpp` (`--mpp`) is the fallback of slides that record no MPP; `mpp_override` (`--mpp-override`) replaces
+    the recorded MPP of slides without a CSV value (docs/slides.md). Both are checked first. A path given on
+    the command line that does not exist is an input error; a CSV row naming a missing file fails that slide
+    only. Duplicate slide ids are an error, since every output is named by slide id.
     """
+    check_mpp(mpp, "--mpp")
+    check_mpp(mpp_override, "--mpp-override")
     inputs = list(inputs)
     sources: list[SlideSource] = []
     for item in map(Path, inputs):
@@ -80,7 +98,7 @@ def resolve_inputs(inputs: Iterable[str | os.PathLike[str]], *, mpp: float | Non
             sources.append(SlideSource(item))
         else:
             raise InputError(f"{item}: no such file or folder (check the path)")
-    sources = [SlideSource(s.path, s.mpp if s.mpp is not None else mpp) for s in sources]
+    sources = [SlideSource(s.path, s.mpp if s.mpp is not None else mpp_override, mpp) for s in sources]
     seen: dict[str, Path] = {}
     for s in sources:
         if s.slide_id in seen and seen[s.slide_id] != s.path:
@@ -92,3 +110,16 @@ def resolve_inputs(inputs: Iterable[str | os.PathLike[str]], *, mpp: float | Non
     if not unique:
         raise InputError("no slides found in " + ", ".join(map(str, inputs)))
     return list(unique.values())
+
+
+def split_valid(sources: Sequence[SlideSource]) -> tuple[list[SlideSource], list[tuple[SlideSource, str]]]:
+    """(slides whose ids can name outputs, [(slide, one-line reason)] for the others): a file name that is not
+    UTF-8, too long or hidden fails its own slide only, and the rest of the cohort goes on."""
+    valid, invalid = [], []
+    for source in sources:
+        problem = name_problem(source.slide_id)
+        if problem is None:
+            valid.append(source)
+        else:
+            invalid.append((source, f"{shown(str(source.path))}: slide id {problem}; rename the file"))
+    return valid, invalid

@@ -23,10 +23,11 @@ from wsi_pipeline.workspace.files import storage_error
 from wsi_pipeline.workspace.layout import StageOutputs
 from wsi_pipeline.workspace.locks import OwnerLock
 from wsi_pipeline.workspace.manifest import DONE, FAILED, FAILURES, NO_TISSUE, manifest_rows, update_manifest
+from wsi_pipeline.workspace.slide_id import shown
 
 # Outcomes a job reports: the manifest statuses, plus two that write no row.
 CACHED, BUSY = "cached", "busy"
-__all__ = ["BUSY", "CACHED", "DONE", "FAILED", "FAILURES", "NO_TISSUE", "SlideOutcome", "run_cohort"]
+__all__ = ["BUSY", "CACHED", "DONE", "FAILED", "FAILURES", "NO_TISSUE", "SlideOutcome", "refuse", "run_cohort"]
 
 
 @dataclass
@@ -38,9 +39,21 @@ class SlideOutcome:
 
 
 Job = Callable[[Any], SlideOutcome]
+WAIT_POLL_S = 0.5
 
 
-def _guarded(job: Job, item: Any, slide_id: str, outputs: StageOutputs, columns: Sequence[str]) -> SlideOutcome:
+def refuse(item: Any, slide_id: str, reason: str, outputs: StageOutputs, columns: Sequence[str]) -> SlideOutcome:
+    """Record a slide that cannot be processed at all (its name cannot name outputs) as `failed`, shown
+    printable: the cohort goes on without it (docs/reliability.md, "Names")."""
+    outcome = SlideOutcome(shown(slide_id, limit=240), FAILED, error=reason)
+    outcome.row = {"slide_id": outcome.slide_id, "slide_path": shown(str(getattr(item, "path", "")), limit=4096),
+                   "status": FAILED, "error": reason}
+    update_manifest(outputs.manifest, outcome.row, columns)
+    return outcome
+
+
+def _guarded(job: Job, item: Any, slide_id: str, outputs: StageOutputs, columns: Sequence[str],
+             wait: bool = False) -> SlideOutcome:
     """Lock, run, record. Any exception becomes a `failed` row with a one-line reason, except a refused
     write, which stops the cohort.
 
@@ -48,8 +61,10 @@ def _guarded(job: Job, item: Any, slide_id: str, outputs: StageOutputs, columns:
     slide's outputs and its row), so the manifest always agrees with the files.
     """
     lock = OwnerLock(outputs.lock(slide_id))
-    if not lock.acquire():
-        return SlideOutcome(slide_id, BUSY)
+    while not lock.acquire():
+        if not wait:
+            return SlideOutcome(slide_id, BUSY)
+        time.sleep(WAIT_POLL_S)  # the other holder's result is then found current: CACHED
     try:
         faults.point("slide")
         start = time.perf_counter()
@@ -82,12 +97,15 @@ def run_cohort(
     columns: Sequence[str],
     is_current: Callable[[Any], bool],
     workers: int = 1,
+    wait: bool = False,
     on_done: Callable[[SlideOutcome], None] | None = None,
 ) -> list[SlideOutcome]:
     """Run `job` on every item, in `workers` processes when > 1 (the job must then be picklable).
 
     `is_current(item)`: whether the item's finished outputs match this run (never True under `--force`);
     with a `done` row as well, the item is CACHED without taking its lock or writing anything.
+    `wait`: a slide another process holds is waited for (and its result reused) instead of left BUSY, for a
+    caller that needs every result now (`wsip predict`).
     """
     outcomes: list[SlideOutcome] = []
 
@@ -105,10 +123,10 @@ def run_cohort(
             todo.append(item)
     if workers <= 1 or len(todo) <= 1:
         for item in todo:
-            record(_guarded(job, item, slide_id(item), outputs, columns))
+            record(_guarded(job, item, slide_id(item), outputs, columns, wait))
         return outcomes
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_guarded, job, item, slide_id(item), outputs, columns)
+        futures = [pool.submit(_guarded, job, item, slide_id(item), outputs, columns, wait)
                    for item in todo]
         for future in as_completed(futures):
             record(future.result())

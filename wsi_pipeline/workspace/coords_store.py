@@ -14,6 +14,7 @@ import numpy as np
 
 from wsi_pipeline.errors import UserError, one_line
 from wsi_pipeline.workspace.files import write_h5_atomic
+from wsi_pipeline.workspace.h5_limits import check_declared_size
 
 
 def write_coords(path: Path, coords: np.ndarray, attrs: dict[str, Any]) -> None:
@@ -29,6 +30,7 @@ def read_coords(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     """(coords (N, 2) int64, attrs); an unreadable file is a one-line error naming the fix."""
     try:
         with h5py.File(path, "r") as f:
+            check_declared_size(f["coords"], path)
             return f["coords"][:].astype(np.int64), dict(f["coords"].attrs)
     except (OSError, KeyError) as exc:
         raise UserError(f"{path}: unreadable coords file ({one_line(exc)}); rerun `wsip patch --force`") from None

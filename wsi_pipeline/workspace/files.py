@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -36,7 +37,7 @@ def temp_name(path: Path) -> Path:
 
 
 def remove_stale_temps(*folders: Path) -> int:
-    """Delete temp files whose writer ran on this host and is dead (a SIGKILL skips `atomic_write`'s
+    """Delete temp files and staging folders whose writer ran on this host and is dead (a SIGKILL skips `atomic_write`'s
     cleanup); temp files of other hosts are left alone. Returns how many were removed."""
     removed = 0
     for folder in folders:
@@ -45,7 +46,10 @@ def remove_stale_temps(*folders: Path) -> int:
             pid = rest.partition("-")[0]
             if host == _HOST and pid.isdigit() and not pid_alive(int(pid)):
                 with contextlib.suppress(OSError):  # gone meanwhile, or a read-only workspace: leave it
-                    tmp.unlink()
+                    if tmp.is_dir() and not tmp.is_symlink():  # a staging folder (`wsip view`)
+                        shutil.rmtree(tmp)
+                    else:
+                        tmp.unlink()
                     removed += 1
     return removed
 

@@ -26,7 +26,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsi_pipeline.errors import UserError, name_some
+from wsi_pipeline.errors import InputError, UserError, name_some
+from wsi_pipeline.workspace.slide_id import check_name, check_slide_id
 
 WORKSPACE_ENV = "WSIP_OUT"
 DEFAULT_WORKSPACE = "wsip_out"
@@ -38,7 +39,10 @@ def workspace_root(out: str | os.PathLike[str] | None = None) -> Path:
     Resolved once, here, so every path a stage records is absolute: a workspace used from another folder
     (or by a Slurm job started elsewhere) finds the same files.
     """
-    return Path(out or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser().resolve()
+    root = Path(out or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root}: the workspace (--out, `out:` or $WSIP_OUT) is a file, not a folder; pass a folder")
+    return root
 
 
 MANIFEST, PARAMS = "manifest.csv", "params.json"
@@ -46,6 +50,12 @@ SLIDES_FOLDER = "_slides"  # predictions/_slides/: the workspace of slides given
 H5_FOLDER, PT_FOLDER = "h5_files", "pt_files"
 FOLD_PREFIX = "fold_"
 VIEWER_PAGE = "index.html"
+
+
+def _slide_file(folder: Path, slide_id: str, suffix: str) -> Path:
+    """`<folder>/<slide_id><suffix>`, refused for any slide id that could name a path outside `folder`
+    (docs/reliability.md, "Names")."""
+    return folder / f"{check_slide_id(slide_id)}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,7 @@ class StageOutputs:
 
     def lock(self, slide_id: str) -> Path:
         """The slide's owner lock while a worker writes its outputs."""
-        return self.locks / f"{slide_id}.lock"
+        return _slide_file(self.locks, slide_id, ".lock")
 
 
 @dataclass(frozen=True)
@@ -88,18 +98,18 @@ class PatchSet(StageOutputs):
         return self.dir / "geojson"
 
     def coords(self, slide_id: str) -> Path:
-        return self.coords_dir / f"{slide_id}.h5"
+        return _slide_file(self.coords_dir, slide_id, ".h5")
 
     def qc(self, slide_id: str) -> Path:
-        return self.dir / "qc" / f"{slide_id}.jpg"
+        return _slide_file(self.dir / "qc", slide_id, ".jpg")
 
     def mask(self, slide_id: str) -> Path:
         """The tissue outline as QuPath GeoJSON: what `--masks` reads back (docs/report.md)."""
-        return self.dir / "masks" / f"{slide_id}.geojson"
+        return _slide_file(self.dir / "masks", slide_id, ".geojson")
 
     def geojson(self, slide_id: str) -> Path:
         """Tissue + patch tiles for QuPath (`wsip export geojson`)."""
-        return self.geojson_dir / f"{slide_id}.geojson"
+        return _slide_file(self.geojson_dir, slide_id, ".geojson")
 
     def output_dirs(self) -> tuple[Path, ...]:
         return self.coords_dir, self.dir / "qc", self.dir / "masks", self.dir
@@ -122,10 +132,10 @@ class FeatureSet(StageOutputs):
         return self.dir / PT_FOLDER
 
     def h5(self, slide_id: str) -> Path:
-        return self.dir / H5_FOLDER / f"{slide_id}.h5"
+        return _slide_file(self.h5_dir, slide_id, ".h5")
 
     def pt(self, slide_id: str) -> Path:
-        return self.dir / PT_FOLDER / f"{slide_id}.pt"
+        return _slide_file(self.pt_dir, slide_id, ".pt")
 
     def key(self, slide_id: str) -> Path:
         """A pt-only feature set's cache key sidecar (a bare tensor has no attrs)."""
@@ -137,7 +147,7 @@ class FeatureSet(StageOutputs):
         return self.dir / ".partial"
 
     def partial(self, slide_id: str) -> Path:
-        return self.partial_dir / f"{slide_id}.zarr"
+        return _slide_file(self.partial_dir, slide_id, ".zarr")
 
     def output_dirs(self) -> tuple[Path, ...]:
         return self.h5_dir, self.pt_dir, self.dir
@@ -243,21 +253,21 @@ class PredictionSet:
 
     def record(self, slide_id: str) -> Path:
         """Probabilities, predicted class, slide path (JSON)."""
-        return self.dir / f"{slide_id}.json"
+        return _slide_file(self.dir, slide_id, ".json")
 
     def heatmap(self, slide_id: str) -> Path:
-        return self.dir / f"{slide_id}_heatmap.png"
+        return _slide_file(self.dir, slide_id, "_heatmap.png")
 
     def attention(self, slide_id: str) -> Path:
         """Per-patch coords and attention (h5), for the viewer and the GeoJSON export."""
-        return self.dir / f"{slide_id}_attention.h5"
+        return _slide_file(self.dir, slide_id, "_attention.h5")
 
     def geojson(self, slide_id: str) -> Path:
-        return self.dir / f"{slide_id}.geojson"
+        return _slide_file(self.dir, slide_id, ".geojson")
 
     def viewer(self, slide_id: str) -> Path:
         """A self-contained Deep Zoom viewer folder (`index.html` + tiles)."""
-        return self.dir / "viewer" / slide_id
+        return _slide_file(self.dir / "viewer", slide_id, "")
 
     def viewer_page(self, slide_id: str) -> Path:
         """The viewer's page, the file to open."""
@@ -279,9 +289,17 @@ class Layout:
         """`--out`, else `$WSIP_OUT`, else `./wsip_out` (absolute)."""
         return cls(workspace_root(out))
 
+    def _inside(self, *parts: str) -> Path:
+        """`root/parts...`, asserted to lie under the root: the guard that keeps every stage-output folder (and so
+        every slide file below it, whose names `_slide_file` checks) inside the workspace."""
+        path = Path(os.path.normpath(self.root.joinpath(*parts)))
+        if not path.is_relative_to(os.path.normpath(self.root)) or path == Path(os.path.normpath(self.root)):
+            raise UserError(f"{path}: outside the workspace {self.root}; refusing to write there")
+        return path
+
     # ----------------------------------------------------------------------------------- patches
     def patch_set(self, config: str) -> PatchSet:
-        return PatchSet(self.root / "patches" / config)
+        return PatchSet(self._inside("patches", check_name(config, "patch config")))
 
     def patch_sets(self) -> list[PatchSet]:
         """Patch configs that hold a coords folder, by name."""
@@ -305,7 +323,8 @@ class Layout:
 
     # ---------------------------------------------------------------------------------- features
     def feature_set(self, patch_config: str, name: str) -> FeatureSet:
-        return FeatureSet(self.root / "features" / patch_config / name)
+        return FeatureSet(self._inside("features", check_name(patch_config, "patch config"),
+                                       check_name(name, "feature set")))
 
     def feature_sets(self) -> list[FeatureSet]:
         return [FeatureSet(p.parent) for p in sorted((self.root / "features").glob(f"*/*/{MANIFEST}"))]
@@ -316,7 +335,7 @@ class Layout:
         return self.root / "runs"
 
     def run(self, name: str) -> RunDir:
-        return RunDir(self.runs_dir / name)
+        return RunDir(self._inside("runs", check_name(name, "run name")))
 
     def runs(self) -> list[RunDir]:
         return [RunDir(p) for p in sorted(self.runs_dir.glob("*")) if p.is_dir()]
@@ -327,7 +346,7 @@ class Layout:
         return self.root / "predictions"
 
     def predictions(self, run_name: str) -> PredictionSet:
-        return PredictionSet(self.predictions_dir / run_name)
+        return PredictionSet(self._inside("predictions", check_name(run_name, "run name")))
 
     def prediction_sets(self) -> list[PredictionSet]:
         """Runs' prediction folders (not `_slides`), by run name."""
@@ -342,6 +361,11 @@ class Layout:
     def report(self) -> Path:
         """`wsip report`'s one HTML file."""
         return self.root / "report.html"
+
+    def staging_dirs(self) -> tuple[Path, ...]:
+        """Folders where `wsip view` and `wsip report` stage their outputs (temp folders and files beside the
+        target): every stage removes those of dead writers (docs/reliability.md, "Temp files")."""
+        return self.root, *sorted(self.predictions_dir.glob("*/viewer"))
 
 
 def pt_key(pt_path: Path) -> Path:

@@ -20,7 +20,7 @@ def read_manifest(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     path = Path(path)
     if not path.exists():
         return []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:  # a slide path as its bytes
         return list(csv.DictReader(f))
 
 
@@ -36,7 +36,7 @@ def update_manifest(path: str | os.PathLike[str], row: Mapping[str, Any], column
         rows = [r for r in read_manifest(path) if r.get("slide_id") != row["slide_id"]]
         rows.append({c: "" if row.get(c) is None else row.get(c) for c in columns})
         rows.sort(key=lambda r: r["slide_id"])
-        with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)

@@ -19,12 +19,15 @@ import csv
 import io
 import json
 import math
+import pickle
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsi_pipeline.errors import ConfigError, UserError, one_line
+from wsi_pipeline.workspace.csv_text import decoded_lines
 from wsi_pipeline.workspace.files import (
     atomic_write,
     save_torch_atomic,
@@ -74,7 +77,9 @@ def save_checkpoint(path: Path, model: torch.nn.Module, meta: Mapping[str, Any],
 def read_checkpoint(path: Path) -> dict[str, Any]:
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # torch warns about a foreign pickle protocol before refusing it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_best(fold: FoldDir) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -84,7 +89,10 @@ def load_best(fold: FoldDir) -> tuple[torch.nn.Module, dict[str, Any]]:
         meta = checkpoint["meta"]
         model = ModelSpec.from_meta(meta["model"]).build()
         model.load_state_dict(checkpoint["model_state"])
-    except (OSError, KeyError, RuntimeError, TypeError, UserError) as exc:
+    except pickle.UnpicklingError:  # weights_only refused it: code or objects we never save, never run
+        raise UserError(f"{fold.best}: not a wsip checkpoint (it pickles objects beyond tensors and numbers; "
+                        "nothing in it was run); retrain this fold") from None
+    except (OSError, KeyError, RuntimeError, TypeError, ValueError, UserError) as exc:
         raise UserError(f"{fold.best}: unreadable checkpoint ({one_line(exc)}); retrain this fold") from None
     return model, meta
 
@@ -208,18 +216,17 @@ def parse_splits_csv(path: Path) -> Splits:
     """The rows of a `fold,split,slide_id` CSV (a run's splits.csv or a user's splits file), format-checked."""
     if not path.is_file():
         raise ConfigError(f"{path}: splits file not found (fix splits.file)")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
-        if not set(SPLIT_COLUMNS) <= set(reader.fieldnames):
-            raise ConfigError(f"{path}: needs columns fold,split,slide_id (found: {', '.join(reader.fieldnames)})")
-        return Splits(
-            tuple(
-                _parse_row(path, reader.line_num, *((r.get(k) or "").strip() for k in SPLIT_COLUMNS))
-                for r in reader
-                if any((v or "").strip() for v in r.values())
-            )
+    reader = csv.DictReader(decoded_lines(path))
+    reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
+    if not set(SPLIT_COLUMNS) <= set(reader.fieldnames):
+        raise ConfigError(f"{path}: needs columns fold,split,slide_id (found: {', '.join(reader.fieldnames)})")
+    return Splits(
+        tuple(
+            _parse_row(path, reader.line_num, *((r.get(k) or "").strip() for k in SPLIT_COLUMNS))
+            for r in reader
+            if any(v.strip() for v in r.values() if isinstance(v, str))
         )
+    )
 
 
 def write_splits(splits: Splits, path: Path) -> None:

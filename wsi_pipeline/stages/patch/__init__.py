@@ -17,9 +17,10 @@ from typing import Any
 
 from wsi_pipeline import slide as slide_module
 from wsi_pipeline.digests import code_digest, file_fingerprint, params_hash
-from wsi_pipeline.slide import Slide
+from wsi_pipeline.errors import InputError
+from wsi_pipeline.slide import FALLBACK, Slide
 from wsi_pipeline.stages import runner
-from wsi_pipeline.stages.inputs import SlideSource
+from wsi_pipeline.stages.inputs import SlideSource, split_valid
 from wsi_pipeline.stages.patch import grid, qc, segment
 from wsi_pipeline.stages.patch.grid import ReadPlan, plan_read, tissue_grid
 from wsi_pipeline.stages.patch.params import PatchParams
@@ -27,7 +28,7 @@ from wsi_pipeline.stages.patch.segment import SegmentParams, segment_tissue
 from wsi_pipeline.stages.runner import SlideOutcome
 from wsi_pipeline.units import magnification_for_mpp
 from wsi_pipeline.workspace import coords_store, geojson
-from wsi_pipeline.workspace.coords_store import coords_are_current, read_coords, write_coords
+from wsi_pipeline.workspace.coords_store import coords_are_current, coords_attrs, read_coords, write_coords
 from wsi_pipeline.workspace.files import remove_stale_temps, storage_errors, write_json_if_changed
 from wsi_pipeline.workspace.layout import Layout, PatchSet
 from wsi_pipeline.workspace.shards import parse_shard, take_shard
@@ -83,19 +84,24 @@ def patch_slide(source: SlideSource, *, params: PatchParams, patch_set: PatchSet
                 ) -> SlideOutcome:
     """Patch one slide; the unit `run_cohort` parallelises. Raises on unreadable slides (recorded there).
 
-    Coords made from an older version of the file (or other settings) are removed before anything is read:
-    if the slide now fails, nothing derived from its previous version stays usable. Current coords are reused
-    only while the tissue outline is there too (a workspace patched before outlines were kept gets them).
+    Coords made from an older version of the file are removed before anything is read: if the slide now
+    fails, nothing derived from its previous version stays usable. Coords of the same file made with other
+    settings (and their tissue outline) stay until new ones replace them: a request that fails or finds no
+    tissue never costs finished work; only the QC image, a diagnostic, shows the latest attempt. Current
+    coords are reused only while the tissue outline is there too (a workspace patched before outlines were
+    kept gets them).
     """
     coords_path = patch_set.coords(source.slide_id)
     key, fingerprint = slide_key(params, source), file_fingerprint(source.path)
-    if not force and coords_are_current(coords_path, key, fingerprint) and patch_set.mask(source.slide_id).is_file():
+    if not force and is_current(source, params=params, patch_set=patch_set):
         coords, attrs = read_coords(coords_path)
         return SlideOutcome(source.slide_id, runner.CACHED, _manifest_row(attrs, len(coords)))
-    coords_path.unlink(missing_ok=True)
-    patch_set.mask(source.slide_id).unlink(missing_ok=True)
+    old = coords_attrs(coords_path)
+    if old is not None and old.get("slide_fingerprint") != fingerprint:
+        coords_path.unlink(missing_ok=True)
+        patch_set.mask(source.slide_id).unlink(missing_ok=True)
     timings: dict[str, float] = {}
-    with Slide(source.path, mpp=source.mpp) as slide:
+    with Slide(source.path, mpp=source.mpp, mpp_fallback=source.mpp_fallback) as slide:
         plan = plan_read(slide, params)
         t = time.perf_counter()
         sharper = qc.qc_read(slide, params.segment.seg_mpp)
@@ -107,14 +113,14 @@ def patch_slide(source: SlideSource, *, params: PatchParams, patch_set: PatchSet
         timings["grid_s"] = time.perf_counter() - t
         t = time.perf_counter()
         qc.write_qc(patch_set.qc(source.slide_id), slide, tissue, coords, plan.patch_size_level0, sharper)
-        geojson.write_geojson(patch_set.mask(source.slide_id),
-                              geojson.tissue_features(tissue.contours, tissue.holes, tissue.hole_parents))
         attrs = _h5_attrs(slide, plan, params, tissue.mode, key, fingerprint)
         row = _manifest_row(attrs, len(coords))
-        if len(coords) == 0:
+        if len(coords) == 0:  # the QC image shows why; finished coords of other settings stay
             return SlideOutcome(source.slide_id, runner.NO_TISSUE, row,
                                 f"no tissue found ({tissue.tissue_area_um2 / 1e6:.3f} mm² detected); check the "
                                 "QC image, or lower --min-tissue / pass a mask")
+        geojson.write_geojson(patch_set.mask(source.slide_id),
+                              geojson.tissue_features(tissue.contours, tissue.holes, tissue.hole_parents))
         write_coords(coords_path, coords, attrs)
         timings["write_s"] = time.perf_counter() - t
     row.update({k: f"{v:.3f}" for k, v in timings.items()})
@@ -135,8 +141,15 @@ def is_current(source: SlideSource, *, params: PatchParams, patch_set: PatchSet)
         fingerprint = file_fingerprint(source.path)
     except OSError:  # a missing slide: its job records the failure
         return False
-    return (coords_are_current(patch_set.coords(source.slide_id), slide_key(params, source), fingerprint)
-            and patch_set.mask(source.slide_id).is_file())
+    coords_path = patch_set.coords(source.slide_id)
+    return (coords_are_current(coords_path, slide_key(params, source), fingerprint)
+            and _same_fallback(coords_attrs(coords_path) or {}, source) and patch_set.mask(source.slide_id).is_file())
+
+
+def _same_fallback(attrs: dict[str, Any], source: SlideSource) -> bool:
+    """Coords patched with the `--mpp` fallback (the slide records none) are current for that value only;
+    `--mpp` is not in the cache key, so giving it for a cohort never re-patches the slides that record one."""
+    return attrs.get("mpp_source") != FALLBACK or attrs.get("slide_mpp") == source.mpp_fallback
 
 
 def patch(
@@ -147,25 +160,33 @@ def patch(
     workers: int = 1,
     shard: str | None = None,
     force: bool = False,
+    wait: bool = False,
     on_done: Callable[[SlideOutcome], None] | None = None,
 ) -> PatchResult:
     """Patch a cohort into `<out>/patches/<config>/`; callable from Python exactly as `wsip patch`.
 
-    A cohort whose coords are all current writes nothing (works on a read-only workspace).
+    A cohort whose coords are all current writes nothing (works on a read-only workspace). A slide whose
+    file name cannot name outputs (not UTF-8, too long, hidden) fails alone. `wait`: see `run_cohort`.
     """
     params.validate()
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}")
     layout = out if isinstance(out, Layout) else Layout.at(out)
     patch_set = layout.patch_set(params.config_name())
-    items = take_shard(slides, parse_shard(shard), key=lambda s: s.slide_id)
+    items, refused = split_valid(take_shard(slides, parse_shard(shard), key=lambda s: s.slide_id))
     with storage_errors(layout.root):
         patch_set.dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(*patch_set.output_dirs())
+        remove_stale_temps(*patch_set.output_dirs(), *layout.staging_dirs())
         write_json_if_changed(patch_set.params, {**params.to_dict(), "config": patch_set.name})
-        outcomes = runner.run_cohort(
+        outcomes = [runner.refuse(s, s.slide_id, why, patch_set, MANIFEST_COLUMNS) for s, why in refused]
+        for outcome in outcomes:
+            if on_done:
+                on_done(outcome)
+        outcomes += runner.run_cohort(
             partial(patch_slide, params=params, patch_set=patch_set, force=force), items,
             slide_id=lambda s: s.slide_id, outputs=patch_set,
             columns=MANIFEST_COLUMNS, is_current=lambda s: not force and is_current(s, params=params,
                                                                                    patch_set=patch_set),
-            workers=workers, on_done=on_done,
+            workers=workers, wait=wait, on_done=on_done,
         )
     return PatchResult(patch_set, outcomes)

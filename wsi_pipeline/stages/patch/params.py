@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,9 @@ from typing import Any
 from wsi_pipeline.digests import params_hash
 from wsi_pipeline.errors import InputError
 from wsi_pipeline.stages.patch.segment import TISSUE_MODES, SegmentParams
+
+MAG_RANGE = (0.1, 1000.0)  # beyond these no scanner and no grid makes sense (and inf would name a folder)
+MAX_PATCH_PX = 16384
 
 
 @dataclass(frozen=True)
@@ -25,10 +29,11 @@ class PatchParams:
 
     def validate(self) -> None:
         """Each bad value is a one-line error naming its flag."""
-        if not self.magnification_x > 0:
-            raise InputError(f"--mag must be a positive magnification (e.g. 20 or 10), got {self.magnification_x:g}")
-        if self.patch_size_px < 1:
-            raise InputError(f"--patch-size must be at least 1 px, got {self.patch_size_px}")
+        if not (math.isfinite(self.magnification_x) and MAG_RANGE[0] <= self.magnification_x <= MAG_RANGE[1]):
+            raise InputError(f"--mag must be a positive magnification from {MAG_RANGE[0]:g} to {MAG_RANGE[1]:g} "
+                             f"(e.g. 20 or 10), got {self.magnification_x:g}")
+        if not 1 <= self.patch_size_px <= MAX_PATCH_PX:
+            raise InputError(f"--patch-size must be at least 1 px and at most {MAX_PATCH_PX}, got {self.patch_size_px}")
         if not 0 <= self.overlap_px < self.patch_size_px:
             raise InputError(f"--overlap must be in [0, patch size {self.patch_size_px}), got {self.overlap_px}")
         if not 0 <= self.min_tissue_fraction <= 1:

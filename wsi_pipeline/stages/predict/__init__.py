@@ -23,7 +23,7 @@ from wsi_pipeline.device import resolve_device
 from wsi_pipeline.errors import UserError
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.stages.extract import extract
-from wsi_pipeline.stages.inputs import SlideSource
+from wsi_pipeline.stages.inputs import SlideSource, split_valid
 from wsi_pipeline.stages.patch import patch
 from wsi_pipeline.stages.predict.annotations import annotation_file, outer_rings, top_k_on_annotation
 from wsi_pipeline.stages.predict.heatmap import percentile_scores, render_heatmap
@@ -34,6 +34,7 @@ from wsi_pipeline.workspace.feature_store import feature_attrs, read_bag
 from wsi_pipeline.workspace.files import remove_stale_temps, storage_errors, write_json_if_changed
 from wsi_pipeline.workspace.layout import Layout, RunDir
 from wsi_pipeline.workspace.run_store import parse_splits_csv
+from wsi_pipeline.workspace.slide_id import shown
 
 __all__ = ["PredictParams", "PredictResult", "SlidePrediction", "predict"]
 
@@ -86,16 +87,19 @@ def _predict(slides: Sequence[SlideSource], params: PredictParams, layout: Layou
     classes = tuple(models[0][1]["model"]["classes"])
     record, patch_params, extract_params = recorded_stage_params(run)
     work = layout.prediction_slides()
-    errors = {o.slide_id: o.error for o in patch(slides, patch_params, out=work).outcomes if o.status in FAILURES}
+    slides, refused = split_valid(slides)
+    # wait=True: a slide another `wsip predict` is patching or encoding is waited for, then its result reused
+    errors = {o.slide_id: o.error for o in patch(slides, patch_params, out=work, wait=True).outcomes
+              if o.status in FAILURES}
     patched = [s.slide_id for s in slides if s.slide_id not in errors]
     if patched:  # else every slide failed its patching: nothing to encode
-        extracted = extract(replace(extract_params, device=params.device), out=work, slide_ids=patched)
+        extracted = extract(replace(extract_params, device=params.device), out=work, slide_ids=patched, wait=True)
         _check_same_features(extracted.feature_set.params, record)
         errors |= {o.slide_id: o.error for o in extracted.outcomes if o.status == FAILED}
     prediction_set = layout.predictions(run.name)
-    remove_stale_temps(prediction_set.dir)
+    remove_stale_temps(prediction_set.dir, *layout.staging_dirs())
     training_ids = _training_ids(run)
-    predictions = []
+    predictions = [SlidePrediction(shown(s.slide_id), FAILED, error=why) for s, why in refused]
     for source in slides:
         sid = source.slide_id
         if sid in errors:
@@ -117,7 +121,7 @@ def _predict(slides: Sequence[SlideSource], params: PredictParams, layout: Layou
                         {"patch_size_level0": size0, "target_mpp": float(attrs["target_mpp"]),
                          "slide_mpp": float(attrs["slide_mpp"]), "patch_config": patch_params.config_name()})
         regions = annotation_file(params.annotations, sid)
-        with Slide(source.path, mpp=source.mpp) as slide:
+        with Slide(source.path, mpp=source.mpp, mpp_fallback=source.mpp_fallback) as slide:
             if regions is not None:
                 result["top10_on_annotation"] = top_k_on_annotation(regions, slide.dimensions, coords, size0,
                                                                     attention)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from wsi_pipeline.errors import InputError, UserError, name_some
 from wsi_pipeline.stages.report import collect, html
-from wsi_pipeline.workspace.files import write_text_atomic
+from wsi_pipeline.workspace.files import remove_stale_temps, write_text_atomic
 from wsi_pipeline.workspace.layout import Layout
 from wsi_pipeline.workspace.manifest import DONE, FAILED, NO_TISSUE
 
@@ -46,6 +46,7 @@ def report(params: ReportParams = ReportParams(), *, out: str | Path | Layout | 
     start = time.perf_counter()
     params.validate()
     layout = out if isinstance(out, Layout) else Layout.at(out)
+    remove_stale_temps(*layout.staging_dirs())
     runs = [r for r in layout.runs() if r.config.is_file()]
     prediction_sets = layout.prediction_sets()
     if params.run is not None:

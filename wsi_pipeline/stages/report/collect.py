@@ -23,6 +23,7 @@ from wsi_pipeline.workspace.run_store import (
     read_summary,
     split_sizes,
 )
+from wsi_pipeline.workspace.slide_id import name_problem
 
 # Manifest columns a person reads, in this order (the rest are timings and paths).
 SHOWN_COLUMNS = ("slide_id", "status", "n_patches", "mpp", "mpp_source", "dim", "seconds", "patches_per_s", "error")
@@ -100,9 +101,9 @@ def qc_items(patch_set: PatchSet) -> list[QCItem]:
     """The patch set's slides, failures first, with their QC image when there is one."""
     items = []
     for row in failures_first(read_manifest(patch_set.manifest)):
-        qc = patch_set.qc(row["slide_id"])
+        qc = patch_set.qc(row["slide_id"]) if name_problem(row["slide_id"]) is None else None  # refused name
         items.append(QCItem(row["slide_id"], row["status"], row.get("n_patches", ""), row.get("error", ""),
-                            qc if qc.is_file() else None))
+                            qc if qc and qc.is_file() else None))
     return items
 
 

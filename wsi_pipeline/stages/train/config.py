@@ -36,7 +36,7 @@ from pydantic import (
     model_validator,
 )
 
-from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.errors import ConfigError, one_line
 from wsi_pipeline.models.mil import list_models
 from wsi_pipeline.workspace.layout import Layout, RunDir, workspace_root
 
@@ -55,7 +55,7 @@ ResolvedPath = Annotated[Path, AfterValidator(_resolve_path)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -159,6 +159,13 @@ class TrainConfig(_Strict):
             raise ValueError("must be a plain folder name (letters, digits, '.', '_', '-')")
         return value
 
+    @field_validator("out")
+    @classmethod
+    def _a_folder(cls, value: Path) -> Path:
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"{value} is a file, not a folder; point `out:` at a workspace folder")
+        return value
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
@@ -183,6 +190,9 @@ def load_config(path: str | Path) -> TrainConfig:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found (check the --cfg path)") from None
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise ConfigError(f"{path}: not a UTF-8 text YAML file ({one_line(e)}); save the config as UTF-8 text"
+                          ) from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""

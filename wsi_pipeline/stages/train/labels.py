@@ -21,8 +21,11 @@ from wsi_pipeline.errors import ConfigError, name_some
 from wsi_pipeline.models.mil import create_model
 from wsi_pipeline.stages.train.config import TrainConfig
 from wsi_pipeline.workspace.coords_store import coords_attrs
+from wsi_pipeline.workspace.csv_text import decoded_lines
+from wsi_pipeline.workspace.h5_limits import check_declared_size
 from wsi_pipeline.workspace.layout import H5_FOLDER, FeatureSet, feature_set_at
 from wsi_pipeline.workspace.manifest import manifest_rows
+from wsi_pipeline.workspace.slide_id import check_slide_id
 
 
 @dataclass(frozen=True)
@@ -63,21 +66,22 @@ def read_labels(path: Path) -> list[tuple[str, str, str]]:
     if not path.is_file():
         raise ConfigError(f"{path}: labels CSV not found (fix data.labels; relative paths resolve from the YAML)")
     rows, blank = [], []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in ("slide_id", "label") if c not in reader.fieldnames]
-        if missing:
-            found = ", ".join(reader.fieldnames) or "no header"
-            raise ConfigError(
-                f"{path}: missing column(s) {', '.join(missing)} (need slide_id,label[,case_id]; found: {found})"
-            )
-        for r in reader:
-            sid, label, case = ((r.get(k) or "").strip() for k in ("slide_id", "label", "case_id"))
-            if sid or label:
-                rows.append((sid, label, case or sid))
-                if not (sid and label):
-                    blank.append(reader.line_num)
+    reader = csv.DictReader(decoded_lines(path))
+    reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
+    missing = [c for c in ("slide_id", "label") if c not in reader.fieldnames]
+    if missing:
+        found = ", ".join(reader.fieldnames) or "no header"
+        raise ConfigError(
+            f"{path}: missing column(s) {', '.join(missing)} (need slide_id,label[,case_id]; found: {found})"
+        )
+    for r in reader:
+        sid, label, case = ((r.get(k) or "").strip() for k in ("slide_id", "label", "case_id"))
+        if sid or label:
+            if sid:
+                check_slide_id(sid, where=f"{path}:{reader.line_num}: ")
+            rows.append((sid, label, case or sid))
+            if not (sid and label):
+                blank.append(reader.line_num)
     if not rows:
         raise ConfigError(f"{path}: no slides listed (add rows slide_id,label[,case_id])")
     if blank:
@@ -85,7 +89,19 @@ def read_labels(path: Path) -> list[tuple[str, str, str]]:
     dupes = [sid for sid, n in Counter(sid for sid, _, _ in rows).items() if n > 1]
     if dupes:
         raise ConfigError(f"{path}: slide_id listed twice: {name_some(dupes)} (keep one row per slide)")
+    _check_label_spellings(rows, path)
     return rows
+
+
+def _check_label_spellings(rows: Sequence[tuple[str, str, str]], path: Path) -> None:
+    """Labels that differ only in case (`tumor`/`Tumor`) would silently become two classes."""
+    spellings: dict[str, set[str]] = {}
+    for _, label, _ in rows:
+        spellings.setdefault(label.casefold(), set()).add(label)
+    clash = next((sorted(v) for v in spellings.values() if len(v) > 1), None)
+    if clash:
+        raise ConfigError(f"{path}: labels {' / '.join(map(repr, clash))} differ only in case; spell each class "
+                          "one way in the CSV")
 
 
 def check_model(cfg: TrainConfig, *, in_dim: int, n_classes: int) -> None:
@@ -164,6 +180,8 @@ def _h5_header(path: Path) -> tuple[int, dict]:
         with h5py.File(path, "r") as f:
             if "features" not in f or "coords" not in f:
                 raise ConfigError(f"{path}: needs datasets 'features' and 'coords' (re-run `wsip extract`)")
+            for name in ("features", "coords"):
+                check_declared_size(f[name], path)
             features, coords, attrs = f["features"].shape, f["coords"].shape, dict(f.attrs)
     except OSError as e:
         raise ConfigError(f"{path}: unreadable h5 ({e}); re-run `wsip extract` for this slide") from None

@@ -24,7 +24,7 @@ import yaml
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.stages.train.config import TrainConfig, config_from_dict, config_to_dict, dump_config
 from wsi_pipeline.workspace.files import json_text, remove_stale_temps
-from wsi_pipeline.workspace.layout import RunDir, feature_set_at
+from wsi_pipeline.workspace.layout import Layout, RunDir, feature_set_at
 from wsi_pipeline.workspace.locks import OwnerLock
 from wsi_pipeline.workspace.run_store import (
     Splits,
@@ -75,7 +75,7 @@ def _prepare(cfg: TrainConfig, splits: Splits, run: RunDir, *, force: bool) -> N
             "edited); use a new `name`, or --force (force=True) to discard that run"
         )
     run.dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(*run.output_dirs())
+    remove_stale_temps(*run.output_dirs(), *Layout(cfg.out).staging_dirs())
     write_config(run, dump_config(cfg))
     if not run.splits.is_file():  # else equal to `splits` (checked above)
         write_splits(splits, run.splits)

@@ -28,7 +28,7 @@ from wsi_pipeline.slide import Slide
 from wsi_pipeline.stages.view import openseadragon
 from wsi_pipeline.stages.view.page import viewer_page
 from wsi_pipeline.workspace.attention_store import Attention, read_attention
-from wsi_pipeline.workspace.files import temp_name
+from wsi_pipeline.workspace.files import remove_stale_temps, temp_name
 from wsi_pipeline.workspace.layout import VIEWER_PAGE, Layout, PredictionSet
 
 __all__ = ["ViewParams", "ViewResult", "view"]
@@ -56,6 +56,7 @@ def view(params: ViewParams, *, out: str | Path | Layout | None = None) -> ViewR
     start = time.perf_counter()
     layout = out if isinstance(out, Layout) else Layout.at(out)
     predictions = _prediction_set(layout, params)
+    remove_stale_temps(*layout.staging_dirs())  # a killed view's staging folders (docs/reliability.md)
     record = json.loads(predictions.record(params.slide).read_text())
     attention = read_attention(predictions.attention(params.slide))
     osd = openseadragon.openseadragon_dir()

@@ -22,7 +22,7 @@ def _bag(n: int, dim: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
 
 
 @pytest.mark.parametrize("name", BASELINES)
-@pytest.mark.parametrize("n", [1, 5000])
+@pytest.mark.parametrize("n", [1, pytest.param(5000, marks=pytest.mark.slow)])  # a large bag: tens of seconds
 def test_forward_backward_and_attention(name: str, n: int) -> None:
     torch.manual_seed(0)
     model = create_model(name, in_dim=512, n_classes=3)

@@ -137,10 +137,6 @@ class FeatureSet(StageOutputs):
     def pt(self, slide_id: str) -> Path:
         return _slide_file(self.pt_dir, slide_id, ".pt")
 
-    def key(self, slide_id: str) -> Path:
-        """A pt-only feature set's cache key sidecar (a bare tensor has no attrs)."""
-        return pt_key(self.pt(slide_id))
-
     @property
     def partial_dir(self) -> Path:
         """Unfinished slides' feature stores (`partial`), each removed once its slide is done."""

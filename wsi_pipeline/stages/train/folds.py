@@ -33,6 +33,7 @@ import csv
 import io
 import json
 import math
+import pickle
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -300,7 +301,11 @@ def _save_last(
 def _restore(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, shuffle: torch.Generator
 ) -> FoldState:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError):  # never unpickled beyond tensors
+        raise ConfigError(f"{path}: not a wsip checkpoint or unreadable; delete it to restart this fold from "
+                          "its beginning, or pass --force") from None
     model.load_state_dict(ckpt["model_state"])
     optimizer.load_state_dict(ckpt["optimizer"])
     rng = ckpt["rng"]

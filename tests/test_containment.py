@@ -78,8 +78,10 @@ def test_mpp_fills_in_only_and_the_override_is_recorded(tmp_path, make_slide):
     assert overridden.outcomes[0].status == "done" and (row["mpp"], row["mpp_source"]) == ("0.5000", OVERRIDE)
     kept = coords.read_bytes()
     failed = patch(resolve_inputs([slide], mpp_override=40.0), out=tmp_path)  # 20x from 40 µm/px: impossible
-    assert failed.outcomes[0].status == "failed"
+    assert failed.outcomes[0].status == "failed" and "allow-upsample" in failed.outcomes[0].error
     assert coords.read_bytes() == kept and first.patch_set.mask("gen").is_file()
+    assert manifest_rows(manifest)["gen"] == row  # the row still describes the coords on disk
+    assert patch(resolve_inputs([slide], mpp_override=0.5), out=tmp_path).outcomes[0].status == "cached"
     for bad in (0.0, -1.0, math.nan, math.inf, 1e9):
         for flag in ("mpp", "mpp_override"):
             with pytest.raises(InputError, match="plausible"):

@@ -53,12 +53,14 @@ def refuse(item: Any, slide_id: str, reason: str, outputs: StageOutputs, columns
 
 
 def _guarded(job: Job, item: Any, slide_id: str, outputs: StageOutputs, columns: Sequence[str],
-             wait: bool = False) -> SlideOutcome:
+             wait: bool = False, kept: Callable[[Any], bool] | None = None) -> SlideOutcome:
     """Lock, run, record. Any exception becomes a `failed` row with a one-line reason, except a refused
     write, which stops the cohort.
 
     A CACHED outcome is recorded `done` when the manifest says otherwise (a run killed between writing a
-    slide's outputs and its row), so the manifest always agrees with the files.
+    slide's outputs and its row), so the manifest always agrees with the files. For the same reason a `done`
+    row stays when a new request fails but `kept(item)` says the finished outputs it describes are intact
+    (e.g. coords of other settings): the failure is reported, not recorded over them.
     """
     lock = OwnerLock(outputs.lock(slide_id))
     while not lock.acquire():
@@ -77,7 +79,10 @@ def _guarded(job: Job, item: Any, slide_id: str, outputs: StageOutputs, columns:
         except Exception as exc:  # an unexpected bug must not stop the cohort, but must be visible
             detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
             outcome = SlideOutcome(slide_id, FAILED, error=f"unexpected error: {detail}")
-        if outcome.status != CACHED or manifest_rows(outputs.manifest).get(slide_id, {}).get("status") != DONE:
+        previous = manifest_rows(outputs.manifest).get(slide_id, {})
+        if outcome.status in FAILURES and previous.get("status") == DONE and kept is not None and kept(item):
+            outcome.row = previous
+        elif outcome.status != CACHED or previous.get("status") != DONE:
             status = DONE if outcome.status == CACHED else outcome.status
             row = {"slide_id": slide_id, "slide_path": str(getattr(item, "path", "")), "status": status,
                    "error": outcome.error, "seconds": f"{time.perf_counter() - start:.3f}", **outcome.row}
@@ -98,6 +103,7 @@ def run_cohort(
     is_current: Callable[[Any], bool],
     workers: int = 1,
     wait: bool = False,
+    kept: Callable[[Any], bool] | None = None,
     on_done: Callable[[SlideOutcome], None] | None = None,
 ) -> list[SlideOutcome]:
     """Run `job` on every item, in `workers` processes when > 1 (the job must then be picklable).
@@ -105,7 +111,7 @@ def run_cohort(
     `is_current(item)`: whether the item's finished outputs match this run (never True under `--force`);
     with a `done` row as well, the item is CACHED without taking its lock or writing anything.
     `wait`: a slide another process holds is waited for (and its result reused) instead of left BUSY, for a
-    caller that needs every result now (`wsip predict`).
+    caller that needs every result now (`wsip predict`). `kept`: see `_guarded` (picklable with workers > 1).
     """
     outcomes: list[SlideOutcome] = []
 
@@ -123,10 +129,10 @@ def run_cohort(
             todo.append(item)
     if workers <= 1 or len(todo) <= 1:
         for item in todo:
-            record(_guarded(job, item, slide_id(item), outputs, columns, wait))
+            record(_guarded(job, item, slide_id(item), outputs, columns, wait, kept))
         return outcomes
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_guarded, job, item, slide_id(item), outputs, columns, wait)
+        futures = [pool.submit(_guarded, job, item, slide_id(item), outputs, columns, wait, kept)
                    for item in todo]
         for future in as_completed(futures):
             record(future.result())

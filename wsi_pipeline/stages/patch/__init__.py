@@ -146,6 +146,17 @@ def is_current(source: SlideSource, *, params: PatchParams, patch_set: PatchSet)
             and _same_fallback(coords_attrs(coords_path) or {}, source) and patch_set.mask(source.slide_id).is_file())
 
 
+def outputs_intact(source: SlideSource, *, patch_set: PatchSet) -> bool:
+    """Whether the slide's finished coords (of any settings) and outline are there for the file as it is now:
+    what a failed new request leaves standing, so its `done` row stays (docs/reliability.md)."""
+    attrs = coords_attrs(patch_set.coords(source.slide_id))
+    try:
+        return (attrs is not None and attrs.get("slide_fingerprint") == file_fingerprint(source.path)
+                and patch_set.mask(source.slide_id).is_file())
+    except OSError:
+        return False
+
+
 def _same_fallback(attrs: dict[str, Any], source: SlideSource) -> bool:
     """Coords patched with the `--mpp` fallback (the slide records none) are current for that value only;
     `--mpp` is not in the cache key, so giving it for a cohort never re-patches the slides that record one."""
@@ -187,6 +198,6 @@ def patch(
             slide_id=lambda s: s.slide_id, outputs=patch_set,
             columns=MANIFEST_COLUMNS, is_current=lambda s: not force and is_current(s, params=params,
                                                                                    patch_set=patch_set),
-            workers=workers, wait=wait, on_done=on_done,
+            workers=workers, wait=wait, kept=partial(outputs_intact, patch_set=patch_set), on_done=on_done,
         )
     return PatchResult(patch_set, outcomes)

@@ -40,6 +40,7 @@ from wsi_pipeline.errors import ConfigError, one_line
 from wsi_pipeline.models.mil import list_models
 from wsi_pipeline.workspace.layout import Layout, RunDir, workspace_root
 
+SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's seeds are 32-bit
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -90,7 +91,7 @@ class SplitsConfig(_Strict):
     val: float | None = Field(default=None, gt=0.0, lt=1.0, description="monte_carlo: share of patients (0.10)")
     test: float | None = Field(default=None, gt=0.0, lt=1.0, description="monte_carlo: share of patients (0.25)")
     repeats: int | None = Field(default=None, ge=1, description="monte_carlo: number of random splits (5)")
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, le=SEED_MAX)
     file: ResolvedPath | None = Field(default=None, description="splits CSV fold,split,slide_id; overrides")
 
     @model_validator(mode="after")
@@ -147,7 +148,7 @@ class TrainConfig(_Strict):
     splits: SplitsConfig = Field(default_factory=SplitsConfig)
     model: ModelConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    seed: int = Field(default=2021, description="seeds python/numpy/torch for training")
+    seed: int = Field(default=2021, ge=0, le=SEED_MAX, description="seeds python/numpy/torch for training")
     device: str = "auto"
     out: ResolvedPath = Field(default_factory=workspace_root)
     _source: str = PrivateAttr(default="<config>")

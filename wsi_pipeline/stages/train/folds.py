@@ -25,6 +25,7 @@ metrics.json) and their formats are `workspace/run_store.py`'s.
 from __future__ import annotations
 
 import math
+import pickle
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -270,7 +271,11 @@ def _save_last(
 def _restore(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, shuffle: torch.Generator
 ) -> FoldState:
-    ckpt = read_checkpoint(path)
+    try:
+        ckpt = read_checkpoint(path)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError):  # never unpickled beyond tensors
+        raise ConfigError(f"{path}: not a wsip checkpoint or unreadable; delete it to restart this fold from "
+                          "its beginning, or pass --force") from None
     model.load_state_dict(ckpt["model_state"])
     optimizer.load_state_dict(ckpt["optimizer"])
     rng = ckpt["rng"]

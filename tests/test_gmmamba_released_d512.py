@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -27,6 +25,7 @@ import torch
 import yaml
 
 from wsi_pipeline.models.mil import create_model
+from wsi_pipeline.stages.train import TrainParams, train
 from wsi_pipeline.stages.train.folds import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +57,8 @@ def _outputs(model: torch.nn.Module) -> dict[str, object]:
     probe = torch.Generator().manual_seed(0)
     sketches = {}
     for name, p in model.named_parameters():
+        if p.grad is None:  # the mask scorer: no gradient, as released (docs/gmmamba.md §4)
+            continue
         g = p.grad.detach().double().flatten()
         sketches[name] = torch.stack([g.sum(), g.abs().sum(), g @ torch.randn(g.numel(), generator=probe,
                                                                                dtype=torch.float64)])
@@ -83,8 +84,11 @@ def _assert_matches_recording(got: dict[str, object]) -> None:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
     assert got["grads"].keys() == expected["grads"].keys()
     for name, sketch in expected["grads"].items():
-        scale = float(sketch[1]) / 1e4 + 1e-12  # the sketches' float rounding grows with the absolute sum
-        torch.testing.assert_close(got["grads"][name], sketch, rtol=1e-4, atol=scale, msg=name)
+        # rounding (batched groups, another CPU) moves a sketch by ~2e-5 of the gradient's absolute sum; the
+        # floor covers gradients that are rounding noise themselves (the pooling scorer's last bias: softmax
+        # is shift-invariant, so its true gradient is 0)
+        tolerance = 1e-4 * float(sketch[1]) + 1e-7
+        torch.testing.assert_close(got["grads"][name], sketch, rtol=0.0, atol=tolerance, msg=name)
 
 
 @pytest.mark.parametrize("batch_groups", [False, True])
@@ -97,7 +101,7 @@ def test_released_d512_matches_the_recording(batch_groups: bool, one_torch_threa
 
 
 def test_esca_config_trains_the_recorded_model_on_raw_features(tmp_path: Path, one_torch_thread: None) -> None:
-    """`wsip train --cfg esca.yaml` (paths and budget shortened): config.yaml says standardize: false, the
+    """`wsip train --cfg esca.yaml` (paths and budget shortened, one epoch): config.yaml says standardize: false, the
     checkpoints hold no standardisation, and the model it builds gives the recorded first-step outputs."""
     h5_dir = tmp_path / "features" / "h5_files"
     h5_dir.mkdir(parents=True)
@@ -114,11 +118,7 @@ def test_esca_config_trains_the_recorded_model_on_raw_features(tmp_path: Path, o
     cfg["optim"].update(epochs=1)
     cfg.update(out=str(tmp_path / "ws"), device="cpu")
     (tmp_path / "esca.yaml").write_text(yaml.safe_dump(cfg))
-    wsip = [sys.executable, "-c", "from wsi_pipeline.cli import main; main()"]
-    done = subprocess.run([*wsip, "train", "--cfg", str(tmp_path / "esca.yaml")], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    run = tmp_path / "ws" / "runs" / cfg["name"]
+    run = train(TrainParams(config=tmp_path / "esca.yaml")).run_dir  # what `wsip train --cfg` calls
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["data"]["standardize"] is False
     meta = torch.load(run / "fold_0" / "last.pt", weights_only=True)["meta"]["model"]

@@ -278,17 +278,19 @@ def print_table(records: list[dict[str, Any]], tasks: list[str], specs: list[str
 def print_markdown(records: list[dict[str, Any]], tasks: list[str], specs: list[str]) -> None:
     """The table again as markdown (row name, options, test AUC, balanced accuracy), to paste into the README."""
     labels = {spec: label for label, spec in ABLATIONS.items()}
+    presets = sorted({str(parse_spec(spec)[1].get("preset")) for spec in specs if spec.startswith("gmmamba")})
     for task in tasks:
-        print(f"\nmarkdown, task {task}:\n\n| row | options | test AUC | bal. acc. |\n|---|---|---|---|")
+        print(f"\nmarkdown, task {task} (gmmamba preset: {', '.join(presets) or '-'}):\n\n"
+              "| row | options | test AUC | bal. acc. |\n|---|---|---|---|")
         for spec in specs:
             rows = [r for r in records if r["task"] == task and r["spec"] == spec]
             if not rows:
                 continue
             name, options, optim = parse_spec(spec)
-            base = spec.rsplit(":preset=", 1)[0]
+            preset = options.pop("preset", None) if len(presets) == 1 else None  # said once, in the heading
             shown = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}"
                               for k, v in {**options, **optim}.items())
-            label = labels.get(base, name)
+            label = labels.get(spec if preset is None else spec.replace(f":preset={preset}", ""), name)
             print(f"| {label} | {f'`{shown}`' if shown else 'defaults'} | {fmt([r['auc'] for r in rows], 2)} | "
                   f"{fmt([r['balanced_accuracy'] for r in rows], 2)} |")
 

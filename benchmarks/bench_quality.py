@@ -9,13 +9,16 @@ random weights: nothing can be downloaded here) once, cached under $WSIP_BENCH_C
 (slide_id,label[,case_id]).
 
 Training is the product's own fold loop (`wsi_pipeline.stages.train.folds.run_fold`: AdamW, one bag per step,
-val F1+AUC selection, early stop, features z-scored with the fold's training bags as `data.standardize` does) in
+val F1+AUC selection, early stop, features z-scored with the fold's training bags as `data.standardize` does
+when the model's preset asks for it: not for GMMamba's `preset: released`) in
 a temporary folder, on patient-level splits from `wsi_pipeline.stages.train.splits.make_splits` (patient =
 bag), identical for every model. A run is one (seed, fold):
 seed s re-splits the cohort with split seed 42 + s and trains with seed 2021 + s; `--runs R` takes the first R
 (seed, fold) pairs, seed-major. The cohort itself is fixed by `--data-seed`.
 
-`--models ablations` runs the paper's ablation rows and CSS variants (docs/gmmamba.md §15).
+`--models ablations` runs the paper's ablation rows and CSS variants (docs/gmmamba.md §15); `--preset P` adds
+`preset=P` to every gmmamba spec that sets none (`--preset released`: the paper's model). After the text table
+a markdown table of the same numbers is printed, for the README.
 A model is `name[:option=value...]`, e.g. `gmmamba:preset=released` or `gmmamba:mask_ratio=0:lr=3e-4`;
 values are parsed as YAML scalars; `lr` and `wd` set the optimiser instead of a model option.
 
@@ -41,16 +44,22 @@ from typing import Any
 import numpy as np
 
 DEFAULT_TASKS = "a,b,c"
-# `--models ablations`: the paper's ablation rows (docs/gmmamba.md §15), then its CSS table's rows.
-ABLATIONS = [
-    "gmmamba:n_groups=1:use_imm=false:use_css=false",  # w BMP
-    "gmmamba:use_imm=false:use_css=false",  # w LG-BMP
-    "gmmamba:use_css=false:mask_ratio=0:min_one_masked=false",  # w/o Masking
-    "gmmamba:use_css=false",  # w IMM
-    "gmmamba:use_imm=false",  # w CSS
-    "gmmamba:css_variant=cmax", "gmmamba:css_variant=q", "gmmamba:css_variant=cca",
-    "gmmamba",  # GMMamba (CMHA: the full CSS)
-]
+# `--models ablations`: the paper's ablation rows (docs/gmmamba.md §15), then its CSS table's seven rows; the
+# last is the full model (both tables' bottom row). Keys are the rows' names in the printed markdown table.
+ABLATIONS = {
+    "w BMP": "gmmamba:n_groups=1:use_imm=false:use_css=false",
+    "w LG-BMP": "gmmamba:use_imm=false:use_css=false",
+    "w/o Masking": "gmmamba:use_css=false:mask_ratio=0:min_one_masked=false",
+    "w IMM": "gmmamba:use_css=false",
+    "w CSS": "gmmamba:use_imm=false",
+    "CSS: CMax": "gmmamba:css_variant=cmax",
+    "CSS: ×Q": "gmmamba:css_variant=q",
+    "CSS: CCA": "gmmamba:css_variant=cca",
+    "CSS: CCA×Q": "gmmamba:css_variant=cca_q",
+    "CSS: CMHA": "gmmamba:css_variant=cmha",
+    "CSS: CMHA×Q": "gmmamba:css_variant=cmha_q",
+    "GMMamba (full CSS, Eq 12)": "gmmamba",
+}
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,7 @@ def run_job(job: Job) -> dict[str, Any]:
     """Train one model on one (seed, fold) through `run_fold`; return its record."""
     import torch
 
+    from wsi_pipeline.models.mil.standardize import preset_standardize
     from wsi_pipeline.stages.train.bags import Bag
     from wsi_pipeline.stages.train.config import OptimConfig
     from wsi_pipeline.stages.train.folds import FoldData, ModelSpec, run_fold
@@ -173,7 +183,8 @@ def run_job(job: Job) -> dict[str, Any]:
     torch.set_num_threads(1)
     bags, in_dim = cohort(job)
     name, options, optim_overrides = parse_spec(job.spec)
-    spec = ModelSpec(name=name, options=options, in_dim=in_dim, classes=("neg", "pos"), standardize=True)
+    spec = ModelSpec(name=name, options=options, in_dim=in_dim, classes=("neg", "pos"),
+                     standardize=preset_standardize(name, options))
     slides = [(bag_id, str(label), bag_id) for bag_id, _, _, label in bags]
     splits = make_splits(slides, folds=job.folds, val_fraction=job.val_fraction, seed=42 + job.seed)
     probe = spec.build()
@@ -264,11 +275,40 @@ def print_table(records: list[dict[str, Any]], tasks: list[str], specs: list[str
                   f"{epochs:4.1f}  {first:.3g} -> {last:.3g}")
 
 
+def print_markdown(records: list[dict[str, Any]], tasks: list[str], specs: list[str]) -> None:
+    """The table again as markdown (row name, options, test AUC, balanced accuracy), to paste into the README."""
+    labels = {spec: label for label, spec in ABLATIONS.items()}
+    presets = sorted({str(parse_spec(spec)[1].get("preset")) for spec in specs if spec.startswith("gmmamba")})
+    for task in tasks:
+        print(f"\nmarkdown, task {task} (gmmamba preset: {', '.join(presets) or '-'}):\n\n"
+              "| row | options | test AUC | bal. acc. |\n|---|---|---|---|")
+        for spec in specs:
+            rows = [r for r in records if r["task"] == task and r["spec"] == spec]
+            if not rows:
+                continue
+            name, options, optim = parse_spec(spec)
+            preset = options.pop("preset", None) if len(presets) == 1 else None  # said once, in the heading
+            shown = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}"
+                              for k, v in {**options, **optim}.items())
+            label = labels.get(spec if preset is None else spec.replace(f":preset={preset}", ""), name)
+            print(f"| {label} | {f'`{shown}`' if shown else 'defaults'} | {fmt([r['auc'] for r in rows], 2)} | "
+                  f"{fmt([r['balanced_accuracy'] for r in rows], 2)} |")
+
+
+def with_preset(spec: str, preset: str | None) -> str:
+    """`spec` with `preset=P` added when it is a gmmamba spec that sets no preset (`--preset`)."""
+    if preset is None or spec.split(":")[0] != "gmmamba" or "preset" in parse_spec(spec)[1]:
+        return spec
+    return f"{spec}:preset={preset}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default=DEFAULT_TASKS, help="comma-separated: a,b,c (generated), d (real)")
     parser.add_argument("--models", default=None, help="comma-separated model specs (`ablations`: the paper's "
                         "ablation rows); default: every registered model")
+    parser.add_argument("--preset", default=None, help="GMMamba preset for every gmmamba spec that sets none "
+                        "(released | recommended)")
     parser.add_argument("--bags", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3, help="(seed, fold) pairs per model and task")
     parser.add_argument("--folds", type=int, default=3)
@@ -292,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
 
     tasks = args.task.split(",")
     specs = args.models.split(",") if args.models else list_models()
-    specs = list(dict.fromkeys(spec for name in specs for spec in (ABLATIONS if name == "ablations" else [name])))
+    expanded = (spec for name in specs for spec in (ABLATIONS.values() if name == "ablations" else [name]))
+    specs = list(dict.fromkeys(with_preset(spec, args.preset) for spec in expanded))
     if "d" in tasks and bool(args.features) != bool(args.labels):
         parser.error("--task d takes --features and --labels together (or neither: generated slides)")
     jobs = []
@@ -346,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
               f"({seeds} seed(s) x {args.folds} folds, val {args.val_fraction}), up to {args.epochs} epochs "
               f"(select after {args.select_after}, patience {args.patience}); wall {wall:.0f}s")
     print_table(records, tasks, specs, header)
+    print_markdown(records, tasks, specs)
 
 
 if __name__ == "__main__":

@@ -264,6 +264,31 @@ def test_shipped_esca_example():
     assert max(cases.values()) == 2 and {label for _, label, _ in rows} == {"EAC", "SCC"}
 
 
+@pytest.mark.parametrize(
+    ("model", "standardize", "expected"),
+    [
+        ({"name": "gmmamba", "preset": "released"}, None, False),  # the paper's model reads raw features
+        ({"name": "gmmamba"}, None, True),  # recommended, the default preset
+        ({"name": "gmmamba", "preset": "recommended"}, None, True),
+        ({"name": "abmil"}, None, True),
+        ({"name": "gmmamba", "preset": "released"}, True, True),  # set: overrides the preset
+        ({"name": "gmmamba"}, False, False),
+    ],
+)
+def test_standardize_defaults_to_the_presets(project, model, standardize, expected):
+    changes = {"model": model} if standardize is None else {"model": model, "data.standardize": standardize}
+    cfg = load_config(write_cfg(project, changes))
+    assert cfg.data.standardize is expected
+    assert config_to_dict(cfg)["data"]["standardize"] is expected  # what the run's config.yaml records
+
+
+def test_paper_configs_read_raw_features():
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    for name in ("esca.yaml", "brca.yaml"):
+        cfg = load_config(examples / name)
+        assert cfg.model.options["preset"] == "released" and cfg.data.standardize is False, name
+
+
 def test_shipped_brca_example_makes_idc_positive():
     examples = Path(__file__).resolve().parents[1] / "examples"
     cfg = load_config(examples / "brca.yaml")

@@ -9,6 +9,7 @@ from sklearn.cluster import KMeans
 from torch import nn
 
 from wsi_pipeline.models.mil import create_model
+from wsi_pipeline.models.mil.css import CrossGroupSampling
 from wsi_pipeline.models.mil.gmmamba import GMMamba, mask_count
 
 SMALL = {"d_model": 64}  # same architecture, narrower: keeps CPU tests fast
@@ -266,7 +267,8 @@ def test_association_options() -> None:
 
 
 @pytest.mark.parametrize("options", [{"use_imm": False}, {"use_css": False}, {"css_variant": "cmax"},
-                                     {"css_variant": "q"}, {"css_variant": "cca"}])
+                                     {"css_variant": "q"}, {"css_variant": "cca"}, {"css_variant": "cca_q"},
+                                     {"css_variant": "cmha"}, {"css_variant": "cmha_q", "preset": "released"}])
 def test_ablations_give_slide_logits_and_attention(options: dict[str, object]) -> None:
     """§15: every ablation is a working model whose attention is a distribution over the bag."""
     model = _model(**options).train()
@@ -285,12 +287,34 @@ def test_ablation_parameter_counts() -> None:
     full = _n_params(_model())
     d = SMALL["d_model"]
     mha, scorer = 4 * d * d, _n_params(_model().css.scorer)
-    for variant in ("q", "cca"):
+    for variant in ("q", "cca", "cca_q"):
         assert _n_params(_model(css_variant=variant)) == full - mha
+    for variant in ("cmha", "cmha_q"):
+        assert _n_params(_model(css_variant=variant)) == full
     assert _n_params(_model(css_variant="cmax")) == _n_params(_model(use_css=False)) == full - mha - scorer
     bimamba = _n_params(_model().imm.mamba1)
     scorers = _n_params(_model().imm.mask_scorer) + _n_params(_model().imm.pool_scorer)
     assert _n_params(_model(use_imm=False)) == full - bimamba - scorers - 2 * 2 * d
+
+
+def test_css_variants_are_the_parts_of_eq_12() -> None:
+    """§15: the CSS table's rows, each a part of F_sgr = f_ca + Q_g·f_mha (Eq 8–12, released association);
+    "×Q" weights a part by each group's Q_g (G tokens), a part without it is one token."""
+    f = torch.nn.functional.layer_norm(torch.randn(10, 64, generator=torch.Generator().manual_seed(0)), (64,))
+    f_max = f.max(0).values
+    q = torch.softmax(f @ f_max, 0)  # Eq 11, unscaled
+    f_ca = q @ f  # Eq 9
+    torch.manual_seed(0)
+    full = CrossGroupSampling(64, association="dot")
+    f_mha = full.mha(f_ca[None, None], f[None], f[None])[0][0, 0]  # Eq 10
+    expected = {"cmax": f_max[None], "q": q[:, None] * f, "cca": f_ca[None], "cca_q": q[:, None] * f_ca,
+                "cmha": f_mha[None], "cmha_q": q[:, None] * f_mha, "full": f_ca + q[:, None] * f_mha}
+    for variant, tokens in expected.items():
+        torch.manual_seed(0)  # the same MHA weights as `full` for the variants that have one
+        got, weights = CrossGroupSampling(64, association="dot", variant=variant)(f)
+        torch.testing.assert_close(got, tokens, msg=variant)
+        if variant != "cmax":
+            torch.testing.assert_close(weights, q, msg=variant)
 
 
 def test_random_grouping_keeps_the_random_order_inside_groups() -> None:

@@ -15,7 +15,10 @@ ACMIL, CLAM-SB and DSMIL train with their own losses (`bag_loss`, the trainer's 
 D/2 would be 16 here, too narrow for its bias-free ReLU embedding: with some inits no unit responds to the
 shifted direction (held-out AUC ~0.5 for torch seeds 1 and 3), so it runs at hidden_dim = 64 (AUC >= 0.99
 for seeds 0-4). DSMIL's linear instance classifier learns more slowly under its halved BCE terms: 4 epochs
-(AUC >= 0.99 for seeds 0-4; 2 epochs give 0.87 with seed 0).
+(AUC >= 0.99 for seeds 0-4; 2 epochs give 0.87 with seed 0). It runs with two one-hot outputs
+(`binary_single_output: false`): the official binary setup (its default, one output) learns here only from
+some inits, since its one critical instance is a background one until the instance score points at the shift
+(held-out AUC 0.55 / 1.00 / 0.98 / 0.49 / 1.00 for torch seeds 0-4 at 4 epochs; 0.45 and 0.36 for seed 0 at 8 and 12).
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def aucs(cohort: tuple[list[Bag], list[Bag]]) -> dict[str, float]:
         "mean": _train_and_auc("mean", cohort),
         "acmil": _train_and_auc("acmil", cohort, hidden_dim=64),
         "clam_sb": _train_and_auc("clam_sb", cohort),
-        "dsmil": _train_and_auc("dsmil", cohort, epochs=4),
+        "dsmil": _train_and_auc("dsmil", cohort, epochs=4, binary_single_output=False),
     }
     print("held-out AUC:", {name: round(auc, 3) for name, auc in results.items()})
     return results
@@ -131,7 +134,8 @@ def test_paper_baselines_learn(aucs: dict[str, float], name: str) -> None:
 # (held-out AUC 0.98; 0.69 after 2).
 ABLATIONS = {"bmp": ({"use_imm": False}, 4), "no_css": ({"use_css": False}, EPOCHS),
              "cmax": ({"css_variant": "cmax"}, EPOCHS), "xq": ({"css_variant": "q"}, EPOCHS),
-             "cca": ({"css_variant": "cca"}, EPOCHS)}
+             "cca": ({"css_variant": "cca"}, EPOCHS), "cmha": ({"css_variant": "cmha"}, EPOCHS)}
+# Not here: CCA×Q (held-out AUC 0.66 after 2 epochs: its G tokens are one vector at G scales) and CMHA×Q (0.86).
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS)

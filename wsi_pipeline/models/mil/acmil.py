@@ -1,7 +1,8 @@
 """ACMIL: attention-challenging MIL (Zhang et al., ECCV 2024), its gated-attention variant (docs/baselines.md).
 
-Instances are embedded by ``Linear(D, hidden, bias=False) + ReLU`` (hidden = D/2 by default: 256 for
-512-d features). One gated attention net (shared V, U: hidden -> 128) scores every instance for M = 5
+Instances are embedded by ``Linear(D, hidden, bias=False) + ReLU``; hidden defaults to the release's per-encoder
+`D_inner` (`OFFICIAL_HIDDEN`: 128 for 384-d ViT-S features, 256 for 512-d ResNet18, D/2 for 768, 1024, 1536),
+D/2 for other sizes. One gated attention net (shared V, U: hidden -> 128) scores every instance for M = 5
 branches (multiple-branch attention, MBA); each branch pools the bag with its own softmax and has its own
 classifier. The slide prediction is a separate classifier on the bag pooled with the MEAN of the branch
 attention maps; that mean is also the attention returned for heatmaps (it sums to 1).
@@ -27,6 +28,8 @@ from wsi_pipeline.models.mil.pooling import GatedAttentionScorer, check_bag
 from wsi_pipeline.models.mil.registry import GrouplessMixin, pop_forward_state, register_model
 
 MASKED = -1e9  # the released code's fill value for masked attention logits
+# The release's D_feat -> D_inner (Step3_WSI_classification_ACMIL.py); D/2 everywhere but ViT-S's 384.
+OFFICIAL_HIDDEN = {384: 128, 512: 256, 768: 384, 1024: 512, 1536: 768}
 
 
 class _Branches(NamedTuple):
@@ -45,7 +48,7 @@ class ACMIL(GrouplessMixin, nn.Module):
             raise ValueError(f"branches must be >= 1 and mask_top_k >= 0, got {branches} and {mask_top_k}")
         if not 0.0 <= mask_drop < 1.0:
             raise ValueError(f"mask_drop must be in [0, 1), got {mask_drop}")
-        hidden = hidden_dim or in_dim // 2
+        hidden = hidden_dim or OFFICIAL_HIDDEN.get(in_dim, in_dim // 2)
         self.mask_top_k, self.mask_drop = mask_top_k, mask_drop
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden, bias=False), nn.ReLU())
         self.attention = GatedAttentionScorer(hidden, attn_dim, branches=branches)

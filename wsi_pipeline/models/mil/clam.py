@@ -7,11 +7,14 @@ per class. The attention returned for heatmaps is the softmaxed attention (sums 
 
 Instance-level clustering (`inst_cluster`, on by default as in CLAM's training loop): the k_sample = 8
 most- and least-attended instances get pseudo-labels 1 and 0 for the instance classifier of the bag's
-class; with `subtyping` (CLAM's flag for subtyping tasks, which are what wsip's examples are) the other
+class; with `subtyping` (CLAM's flag for subtyping tasks, off by default as in CLAM's code) the other
 classes' instance classifiers also learn that the bag's top-8 are NOT of their class, and the instance
 loss is averaged over classes. The training loss is ``bag_weight · CE(bag) + (1 − bag_weight) · instance``
-with bag_weight = 0.7; the instance loss is the smooth top-1 SVM of CLAM's documented commands
-(`inst_loss: svm`, τ = 1, margin α = 1) or cross-entropy (`inst_loss: ce`, the code's default).
+with bag_weight = 0.7; the instance loss is cross-entropy (`inst_loss: ce`, the code's default) or the
+smooth top-1 SVM of CLAM's documented subtyping command (`inst_loss: svm`, τ = 1, margin α = 1).
+
+`init: default` keeps PyTorch's initialisation, as CLAM since April 2024; `init: xavier` is the earlier
+release's (Xavier-normal Linear weights, zero biases), which most published CLAM numbers were trained with.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsi_pipeline.models.mil.pooling import GatedAttentionScorer, attention_pool, check_bag, instance_embedding
-from wsi_pipeline.models.mil.registry import GrouplessMixin, pop_forward_state, register_model
+from wsi_pipeline.models.mil.registry import GrouplessMixin, check_choice, pop_forward_state, register_model
 
 
 class _Instances(NamedTuple):
@@ -35,8 +38,8 @@ class _Instances(NamedTuple):
 class CLAMSB(GrouplessMixin, nn.Module):
     def __init__(
         self, in_dim: int, n_classes: int, *, hidden_dim: int = 512, attn_dim: int = 256, dropout: float = 0.25,
-        inst_cluster: bool = True, inst_loss: Literal["svm", "ce"] = "svm", k_sample: int = 8,
-        bag_weight: float = 0.7, subtyping: bool = True,
+        inst_cluster: bool = True, inst_loss: Literal["svm", "ce"] = "ce", k_sample: int = 8,
+        bag_weight: float = 0.7, subtyping: bool = False, init: Literal["default", "xavier"] = "default",
     ) -> None:
         super().__init__()
         if inst_loss not in ("svm", "ce"):
@@ -49,6 +52,9 @@ class CLAMSB(GrouplessMixin, nn.Module):
         self.attention = GatedAttentionScorer(hidden_dim, attn_dim, dropout=dropout)
         self.classifier = nn.Linear(hidden_dim, n_classes)
         self.instance_classifiers = nn.ModuleList(nn.Linear(hidden_dim, 2) for _ in range(n_classes))
+        check_choice("init", init, ("default", "xavier"))
+        if init == "xavier":
+            _xavier_init_(self)
         self._forward_state: _Instances | None = None
 
     def forward(
@@ -91,6 +97,15 @@ class CLAMSB(GrouplessMixin, nn.Module):
         if self.inst_loss == "ce":
             return F.cross_entropy(logits, targets)
         return smooth_top1_svm(logits, targets)
+
+
+def _xavier_init_(module: nn.Module) -> None:
+    """CLAM's pre-2024 `initialize_weights`: Xavier-normal Linear weights, zero biases (CLAM-SB has no norms).
+    Not GMMamba's `xavier_reinit_`: that lives with the SSM kernels, which CLAM need not import."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def smooth_top1_svm(

@@ -1,9 +1,10 @@
 """GMMamba's cross-group super-feature sampling (CSS, docs/gmmamba.md §5) and its ablation variants.
 
 CMax f_max = max over groups (Eq 8); association Q = softmax(F·f_max) (Eq 11); CCA f_ca = Qᵀ F (Eq 9); CMHA
-f_mha = MHA(f_ca; F, F) (Eq 10); super-features F_sgr = f_ca + Q_g f_mha (Eq 12). ``variant`` stops part way,
-for the paper's CSS table (docs/gmmamba.md §15): "cmax" one token f_max; "q" the groups weighted by Q
-(Q_g f_gr^g); "cca" one token f_ca; "full" Eq 12.
+f_mha = MHA(f_ca; F, F) (Eq 10); super-features F_sgr = f_ca + Q_g f_mha (Eq 12). ``variant`` gives the seven
+rows of the paper's CSS table (docs/gmmamba.md §15 says which parts the paper defines and which we assumed):
+"cmax" one token f_max; "q" the groups weighted by Q (Q_g f_gr^g); "cca" one token f_ca; "cca_q" f_ca weighted
+by each Q_g (Q_g f_ca, G tokens); "cmha" one token f_mha; "cmha_q" Q_g f_mha (G tokens); "full" Eq 12.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from wsi_pipeline.models.mil.pooling import AttentionScorer
 from wsi_pipeline.models.mil.registry import check_choice
 
 CssAssociation = Literal["dot", "scaled_dot", "attention"]
-CssVariant = Literal["full", "cmax", "q", "cca"]
+CssVariant = Literal["full", "cmax", "q", "cca", "cca_q", "cmha", "cmha_q"]
+_WITH_MHA = ("full", "cmha", "cmha_q")  # the variants that run CMHA (Eq 10)
 
 
 class CrossGroupSampling(nn.Module):
@@ -33,13 +35,13 @@ class CrossGroupSampling(nn.Module):
         check_choice("css_association", association, CssAssociation)
         check_choice("css_variant", variant, CssVariant)
         self.association, self.variant = association, variant
-        if variant == "full":  # the other variants stop before CMHA and have no MHA parameters
+        if variant in _WITH_MHA:  # the other variants stop before CMHA and have no MHA parameters
             self.mha = nn.MultiheadAttention(d_model, n_heads, dropout=0.0, bias=False, batch_first=True)
         if association == "attention" and variant != "cmax":  # made last: the others' init is unchanged
             self.scorer = AttentionScorer(d_model, 128)
 
     def forward(self, f_gr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G, d) group vectors -> super-features (G, d) ((1, d) for "cmax" and "cca") and Q (G,).
+        """(G, d) group vectors -> super-features (G, d) ((1, d) for "cmax", "cca", "cmha") and Q (G,).
 
         For "cmax", Q is each group's share of the dimensions where it holds the maximum (what f_max takes
         from it), so per-instance attention still means "weight in the slide vector".
@@ -51,9 +53,11 @@ class CrossGroupSampling(nn.Module):
         if self.variant == "q":
             return q[:, None] * f_gr, q
         f_ca = q @ f_gr  # Eq 9
-        if self.variant == "cca":
-            return f_ca[None], q
+        if self.variant in ("cca", "cca_q"):
+            return (f_ca[None] if self.variant == "cca" else q[:, None] * f_ca), q
         f_mha = self.mha(f_ca[None, None], f_gr[None], f_gr[None], need_weights=False)[0][0, 0]  # Eq 10
+        if self.variant in ("cmha", "cmha_q"):
+            return (f_mha[None] if self.variant == "cmha" else q[:, None] * f_mha), q
         return f_ca + q[:, None] * f_mha, q  # Eq 12
 
     def _association(self, f_gr: torch.Tensor) -> torch.Tensor:

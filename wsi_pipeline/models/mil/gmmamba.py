@@ -6,6 +6,9 @@ Forward pass for one bag (§10): LG groups (K-Means on coords, §2) -> IMM on ea
 
 Every option below is taken from ``preset`` unless passed (docs/gmmamba.md §14): ``"recommended"`` (the
 default, chosen on the quality benchmark) or ``"released"`` (the published code, reproduced bit for bit).
+A preset also says whether the trainer z-scores the features in front of the model (``standardize``, the
+default of the config's ``data.standardize``): off for released, which like the published pipeline reads the
+raw features; on for recommended.
 
 Architecture options and the quirks they keep (values of the released preset, resolved as in §12):
 - ``mask_ratio=0.2``; ``min_one_masked=True`` drops at least one instance per group even at ratio 0
@@ -30,7 +33,8 @@ Architecture options and the quirks they keep (values of the released preset, re
 - ``feature_dropout=0.0``: dropout on IMM's input, the regulariser the D = 512 path lacks.
 - Ablations (the paper's Table 4 and CSS table, docs/gmmamba.md §15): ``use_imm=False`` replaces IMM by BMP
   (residual BiMamba + max pooling per group); ``use_css=False`` feeds the group vectors to the class token
-  without CSS; ``css_variant`` "cmax" / "q" / "cca" stop CSS after CMax, ×Q or CCA ("full": Eq 12).
+  without CSS; ``css_variant`` "cmax" / "q" / "cca" / "cca_q" / "cmha" / "cmha_q" give the CSS table's rows
+  (css.py; "full": Eq 12).
 - ``batch_groups=True``: run IMM on all groups as one padded batch (`IMM.forward_batch`; the same outputs as
   the released per-group loop up to float rounding, ~1e-7, and 1.5–2× faster for small groups); False loops.
 
@@ -62,9 +66,9 @@ MaskMode = Literal["scores", "scores_train", "random_train"]
 PRESETS: dict[str, dict[str, Any]] = {
     "released": {"d_model": 512, "mask_ratio": 0.2, "min_one_masked": True, "learnable_mask": False,
                  "mask_mode": "scores", "mamba_native_init": False, "css_association": "dot",
-                 "feature_dropout": 0.0},
+                 "feature_dropout": 0.0, "standardize": False},
 }
-PRESETS["recommended"] = {**PRESETS["released"], "d_model": 128, "css_association": "attention"}
+PRESETS["recommended"] = {**PRESETS["released"], "d_model": 128, "css_association": "attention", "standardize": True}
 
 
 def mask_count(m: int, mask_ratio: float, *, min_one_masked: bool = True) -> int:

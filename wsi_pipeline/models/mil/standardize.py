@@ -6,11 +6,14 @@ spends its whole budget on the scale instead of the signal (measured: ABMIL on t
 features, balanced accuracy 0.56 raw → 1.00 standardised). z-scoring each dimension with the training
 instances' mean and std makes the models see every encoder alike. The statistics are buffers of this module,
 so a checkpoint carries them and `wsip predict` applies exactly what training used.
+
+Whether to standardise is part of a model's preset (:func:`preset_standardize`): GMMamba's `preset: released`
+reads raw features, as the published pipeline (and every official baseline pipeline) does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -49,3 +52,19 @@ class StandardizedInput(nn.Module):
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor, groups: Any = None) -> Any:
         return self.model((features - self.mean) / self.std, coords, groups=groups)
+
+
+def preset_standardize(name: str, options: Mapping[str, Any]) -> bool:
+    """`data.standardize` when a config leaves it out: what model `name`'s preset says (GMMamba: off for
+    `preset: released`, on for `recommended`, docs/gmmamba.md §14); on for the models without presets.
+
+    An unknown preset answers True here; building the model then reports it as one line.
+    """
+    if name != "gmmamba":  # the only model with presets
+        return True
+    import inspect
+
+    from wsi_pipeline.models.mil.gmmamba import PRESETS, GMMamba
+
+    preset = options.get("preset", inspect.signature(GMMamba).parameters["preset"].default)
+    return bool(PRESETS[preset]["standardize"]) if preset in PRESETS else True

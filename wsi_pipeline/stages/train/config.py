@@ -65,8 +65,9 @@ class DataConfig(_Strict):
     classes: list[str] | None = Field(
         default=None, description="class order (index = model output); default: sorted unique labels"
     )
-    standardize: bool = Field(
-        default=True, description="z-score each feature dimension with the fold's training instances"
+    standardize: bool | None = Field(
+        default=None, description="z-score each feature dimension with the fold's training instances; "
+        "default: the model preset's (off for gmmamba preset: released, on otherwise)"
     )
 
 
@@ -173,6 +174,15 @@ class TrainConfig(_Strict):
         if not _DEVICE.match(value):
             raise ValueError("must be auto, cpu, cuda or cuda:<index>")
         return value
+
+    @model_validator(mode="after")
+    def _preset_standardize(self) -> TrainConfig:
+        """Left out, `data.standardize` is the model preset's; filled in so the resolved config.yaml shows it."""
+        if self.data.standardize is None:
+            from wsi_pipeline.models.mil.standardize import preset_standardize  # torch: only once training
+
+            self.data.standardize = preset_standardize(self.model.name, self.model.options)
+        return self
 
     @property
     def source(self) -> str:

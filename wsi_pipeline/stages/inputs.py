@@ -6,7 +6,7 @@ import csv
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from wsi_pipeline.errors import InputError
@@ -15,13 +15,16 @@ from wsi_pipeline.slide import is_slide_file, slide_id_for, slide_location
 
 @dataclass(frozen=True)
 class SlideSource:
-    """One slide to process (absolute path) with its optional per-slide MPP override (a CSV `mpp` column).
+    """One slide to process (absolute path) with its optional per-slide MPP override (a CSV `mpp` column), and
+    the optional `label` and `case_id` columns of a slide CSV (what `wsip predict` scores, docs/evaluation.md).
 
     A DICOM WSI is its series folder: a .dcm file given here stands for the folder it is in.
     """
 
     path: Path
     mpp: float | None = None
+    label: str | None = None
+    case_id: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", slide_location(Path(self.path).expanduser().absolute()))
@@ -49,13 +52,15 @@ def _read_slide_csv(path: Path) -> list[SlideSource]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if "slide_path" not in (reader.fieldnames or []):
-            raise InputError(f"{path}: a slide CSV needs a `slide_path` column (optional: `mpp`)")
+            raise InputError(f"{path}: a slide CSV needs a `slide_path` column (optional: `mpp`, `label`, `case_id`)")
         sources = []
         for line, row in enumerate(reader, start=2):
             slide_path = Path((row["slide_path"] or "").strip())
             if not slide_path.is_absolute():
                 slide_path = path.parent / slide_path
-            sources.append(SlideSource(slide_path, _csv_mpp((row.get("mpp") or "").strip(), f"{path}:{line}")))
+            label, case_id = ((row.get(k) or "").strip() or None for k in ("label", "case_id"))
+            sources.append(SlideSource(slide_path, _csv_mpp((row.get("mpp") or "").strip(), f"{path}:{line}"),
+                                       label, case_id))
     return sources
 
 
@@ -80,7 +85,7 @@ def resolve_inputs(inputs: Iterable[str | os.PathLike[str]], *, mpp: float | Non
             sources.append(SlideSource(item))
         else:
             raise InputError(f"{item}: no such file or folder (check the path)")
-    sources = [SlideSource(s.path, s.mpp if s.mpp is not None else mpp) for s in sources]
+    sources = [replace(s, mpp=s.mpp if s.mpp is not None else mpp) for s in sources]
     seen: dict[str, Path] = {}
     for s in sources:
         if s.slide_id in seen and seen[s.slide_id] != s.path:

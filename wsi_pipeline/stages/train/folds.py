@@ -97,6 +97,7 @@ class FoldState:
     best_val: dict[str, Any] | None = None
     best_test: dict[str, Any] | None = None
     best_test_probs: list[list[float]] | None = None
+    best_val_probs: list[list[float]] | None = None  # for the Youden threshold (val_preds.csv)
     log: list[dict[str, Any]] = field(default_factory=list)
 
     def finished(self, optim: OptimConfig) -> bool:
@@ -136,12 +137,12 @@ def run_fold(
         epoch = state.epoch + 1
         try:
             train_loss = train_epoch(model, optimizer, data, generator=shuffle, device=device)
-            val = classification_metrics([data.labels[s] for s in data.val],
-                                         predict_probs(model, data, data.val, device))
+            val_probs = predict_probs(model, data, data.val, device)
+            val = classification_metrics([data.labels[s] for s in data.val], val_probs)
             score = selection_score(val)
             selected = epoch > optim.select_after and score > state.best_score
             if selected:
-                _select(state, model, data, epoch=epoch, score=score, val=val, device=device)
+                _select(state, model, data, epoch=epoch, score=score, val=val, val_probs=val_probs, device=device)
         except NotFinite as exc:
             raise ConfigError(f"{out.dir}: fold {fold}, epoch {epoch}: {exc}; training diverged and this epoch "
                               f"was not saved: lower optim.lr (now {optim.lr:g}) or check that slide's features"
@@ -221,10 +222,12 @@ def _select(
     epoch: int,
     score: float,
     val: dict[str, Any],
+    val_probs: np.ndarray,
     device: torch.device,
 ) -> None:
     probs = predict_probs(model, data, data.test, device)
     state.best_score, state.best_epoch, state.best_val = score, epoch, val
+    state.best_val_probs = val_probs.tolist()
     state.best_test = classification_metrics([data.labels[s] for s in data.test], probs)
     state.best_test_probs = probs.tolist()
 
@@ -239,17 +242,20 @@ def _finish(
     out: FoldDir,
     meta: dict[str, Any],
 ) -> dict[str, Any]:
-    """Write preds.csv, the log (a run killed between `last.pt` and `log.csv` of its final epoch resumes
-    straight here) and, last (it marks the fold done), metrics.json."""
+    """Write preds.csv and val_preds.csv, the log (a run killed between `last.pt` and `log.csv` of its final
+    epoch resumes straight here) and, last (it marks the fold done), metrics.json."""
     _write_log(out.log, state.log)
     selection = "best_val"
     if state.best_epoch < 0:  # no epoch was eligible: fall back to the last one
         selection = "last_epoch"
         val_probs = predict_probs(model, data, data.val, device)
         val = classification_metrics([data.labels[s] for s in data.val], val_probs)
-        _select(state, model, data, epoch=state.epoch, score=selection_score(val), val=val, device=device)
+        _select(state, model, data, epoch=state.epoch, score=selection_score(val), val=val, val_probs=val_probs,
+                device=device)
         _save_checkpoint(out.best, model, {**meta, "epoch": state.epoch, "val_score": state.best_score})
-    _write_preds(out.preds, data, spec.classes, state.best_test_probs or [])
+    _write_preds(out.preds, data.test, data.labels, spec.classes, state.best_test_probs or [])
+    if state.best_val_probs is not None:  # None only in a fold resumed from a checkpoint of an older wsip
+        _write_preds(out.val_preds, data.val, data.labels, spec.classes, state.best_val_probs)
     metrics = {
         "fold": meta["fold"],
         "selection": selection,
@@ -328,9 +334,10 @@ def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text_if_changed(path, text.getvalue())
 
 
-def _write_preds(path: Path, data: FoldData, classes: Sequence[str], probs: list[list[float]]) -> None:
+def _write_preds(path: Path, ids: Sequence[str], labels: dict[str, int], classes: Sequence[str],
+                 probs: list[list[float]]) -> None:
     with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["slide_id", "label", *(f"prob_{c}" for c in classes)])
-        for slide_id, row in zip(data.test, probs, strict=True):
-            writer.writerow([slide_id, classes[data.labels[slide_id]], *(repr(p) for p in row)])
+        for slide_id, row in zip(ids, probs, strict=True):
+            writer.writerow([slide_id, classes[labels[slide_id]], *(repr(p) for p in row)])

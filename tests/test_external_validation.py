@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
+from wsi_pipeline.errors import UserError
 from wsi_pipeline.stages.compare import CompareParams, compare
 from wsi_pipeline.stages.extract import ExtractParams, extract
 from wsi_pipeline.stages.inputs import resolve_inputs
@@ -139,16 +141,26 @@ def test_one_class_only_says_auc_undefined(study, tmp_path):
 @pytest.mark.parametrize(("rows", "expected"), [
     ("ext_demo_00,normal\nnot_given,tumour\n", "labels for slide(s) not being predicted: not_given"),
     ("ext_demo_00,benign\n", "label(s) 'benign' are not classes of the run (normal, tumour)"),
+    ("slide_id,label\n", "no slides listed"),
 ])
-def test_bad_labels_are_one_line_and_write_nothing(study, tmp_path, rows, expected):
+def test_bad_labels_are_refused_before_anything_is_written(study, tmp_path, rows, expected):
     root, ws, _ = study
     labels = tmp_path / "labels.csv"
-    labels.write_text("slide_id,label\n" + rows)
+    labels.write_text(rows if rows.startswith("slide_id") else "slide_id,label\n" + rows)
     before = digest(ws)
-    proc = run_cli("predict", root / "external" / "ext_demo_00.svs", "--run", "a", "--labels", labels, "--out", ws)
-    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    with pytest.raises(UserError, match=re.escape(expected)):
+        predict(resolve_inputs([root / "external" / "ext_demo_00.svs"]), PredictParams(run="a", labels=labels),
+                out=ws)
     assert digest(ws) == before
+
+
+def test_a_bad_label_is_one_line_exit_2_from_the_cli(study, tmp_path):
+    root, ws, _ = study
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\next_demo_00,benign\n")
+    proc = run_cli("predict", root / "external" / "ext_demo_00.svs", "--run", "a", "--labels", labels, "--out", ws)
+    assert proc.returncode == 2 and "'benign' are not classes of the run" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
 def test_compare_two_runs_on_the_same_splits_and_refuse_other_slides(study):
@@ -169,6 +181,6 @@ def test_compare_two_runs_on_the_same_splits_and_refuse_other_slides(study):
     assert len(refused.stderr.strip().splitlines()) == 1
     predict(resolve_inputs([root / "external"]), PredictParams(run="a", labels=root / "ext_labels.csv",
                                                                heatmap=False), out=ws)
-    with pytest.raises(Exception, match="did not see the same slides"):  # b scored other slides (a slides CSV)
+    with pytest.raises(UserError, match="did not see the same slides"):  # b scored other slides (a slides CSV)
         compare(CompareParams("a", "c"), out=ws)
     assert np.isfinite(record["balanced_accuracy"]["p_value"])

@@ -149,7 +149,7 @@ def metrics_table(title: str, evaluation: dict[str, Any]) -> Any:
     """A cohort's metrics with 95% CIs (docs/evaluation.md), slides and patients side by side."""
     from rich.table import Table
 
-    from wsi_pipeline.evaluation.text import NAMES, value_ci
+    from wsi_pipeline.evaluation.text import NAMES, ordered, value_ci
 
     slide, patient = evaluation["slide"], evaluation["patient"]
     table = Table(title=title)
@@ -158,7 +158,7 @@ def metrics_table(title: str, evaluation: dict[str, Any]) -> Any:
     by_patient = "metrics" in patient
     if by_patient:
         table.add_column(f"patients (n={patient['n']}) · 95% CI")
-    for name, entry in slide["metrics"].items():
+    for name, entry in ordered(slide["metrics"]):
         table.add_row(NAMES[name], value_ci(entry, reason=False),
                       *([value_ci(patient["metrics"][name], reason=False)] if by_patient else []))
     if "auc_delong" in slide:

@@ -9,6 +9,11 @@ NAMES = {"auc": "AUC", "balanced_accuracy": "balanced accuracy", "accuracy": "ac
          "sensitivity": "sensitivity", "specificity": "specificity", "average_precision": "average precision"}
 
 
+def ordered(metrics: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The metrics in reading order (AUC first), whatever order a JSON file stored them in."""
+    return [(k, metrics[k]) for k in NAMES if k in metrics]
+
+
 def value_ci(entry: Mapping[str, Any] | None, *, reason: bool = True) -> str:
     """"0.812 (0.750–0.870)", or the plain reason a value is undefined (`reason=False`: "undefined")."""
     if not entry or entry.get("value") is None:
@@ -30,7 +35,7 @@ def pooled_auc_line(evaluation: Mapping[str, Any]) -> str:
 def undefined_notes(level: Mapping[str, Any]) -> list[str]:
     """"AUC, average precision: undefined: <why>", one line per distinct reason, for a table's footnote."""
     by_reason: dict[str, list[str]] = {}
-    for name, entry in level["metrics"].items():
+    for name, entry in ordered(level["metrics"]):
         if entry.get("value") is None:
             by_reason.setdefault(entry.get("reason", "undefined"), []).append(NAMES[name])
     return [f"{', '.join(names)}: {why}" for why, names in by_reason.items()]

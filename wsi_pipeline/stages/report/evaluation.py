@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from wsi_pipeline.evaluation.text import NAMES, undefined_notes, value_ci
+from wsi_pipeline.evaluation.text import NAMES, ordered, undefined_notes, value_ci
 from wsi_pipeline.stages.report import plots
 from wsi_pipeline.stages.report.html import cell, empty, table
 from wsi_pipeline.stages.report.media import svg_uri
@@ -45,7 +45,7 @@ def _cohort(title: str, evaluation: Mapping[str, Any]) -> str:
                                                        if by_patient else [])]
     rows = [[cell(NAMES[k]), cell(value_ci(v, reason=False)),
              *([cell(value_ci(patient["metrics"][k], reason=False))] if by_patient else [])]
-            for k, v in slide["metrics"].items()]
+            for k, v in ordered(slide["metrics"])]
     if "auc_delong" in slide:
         rows.append(["AUC, DeLong CI", cell(value_ci(slide["auc_delong"])),
                      *([cell(value_ci(patient.get("auc_delong")))] if by_patient else [])])

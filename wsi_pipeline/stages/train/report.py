@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from wsi_pipeline.evaluation.text import NAMES, pooled_auc_line, value_ci
+from wsi_pipeline.evaluation.text import NAMES, ordered, pooled_auc_line, value_ci
 from wsi_pipeline.stages.train.config import SplitsConfig
 from wsi_pipeline.stages.train.metrics import SCALARS
 from wsi_pipeline.workspace.files import write_text_if_changed
@@ -96,7 +96,7 @@ def _pooled_section(evaluation: Mapping[str, Any]) -> list[str]:
     metrics = evaluation["pooled_out_of_fold"]["slide"]["metrics"]
     return [pooled_auc_line(evaluation), "",
             "| metric (pooled out-of-fold) | value (95% CI) |", "|---|---|",
-            *(f"| {NAMES[k]} | {value_ci(v)} |" for k, v in metrics.items()), ""]
+            *(f"| {NAMES[k]} | {value_ci(v)} |" for k, v in ordered(metrics)), ""]
 
 
 def _class_order_line(classes: Sequence[str]) -> str:

@@ -38,12 +38,12 @@ def decisions(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 
 
 def undefined_reason(y: np.ndarray, classes: tuple[str, ...] | list[str]) -> str | None:
-    """Why AUC and average precision are undefined on this cohort, or None when they are defined."""
+    """Why AUC and average precision (and the recall of a missing class) are undefined on this cohort, or None
+    when every class has a labelled slide."""
     missing = [c for i, c in enumerate(classes) if not (y == i).any()]
     if not missing:
         return None
-    return (f"undefined: no labelled slide of class {', '.join(map(repr, missing))} "
-            "(AUC needs slides of every class)")
+    return f"undefined: no labelled slide of class {', '.join(map(repr, missing))}"
 
 
 def point_metrics(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float | None]:

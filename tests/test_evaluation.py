@@ -197,3 +197,13 @@ def test_paired_comparison_of_two_models() -> None:
     assert auc["ci"][0] > 0 and auc["p_value"] < 0.01
     same = compare_paired(y, strong, strong, cases, ("a", "b"), n_resamples=50)
     assert same["auc"]["delta"] == 0 and same["auc"]["p_value"] == 1.0 and same["balanced_accuracy"]["p_value"] == 1
+
+
+def test_few_patients_get_a_caution_next_to_their_cis() -> None:
+    y, probs = _binary(40, seed=1)
+    many = evaluate(Cohort(tuple(map(str, range(40))), tuple(map(str, range(40))), y, probs, ("a", "b")),
+                    n_resamples=50)
+    assert "caution" not in many["slide"]
+    few = evaluate(Cohort(tuple(map(str, range(40))), tuple(f"p{v}{i % 3}" for i, v in enumerate(y)), y, probs,
+                          ("a", "b")), n_resamples=50)
+    assert "few patients (3 of class 'a', 3 of class 'b')" in few["slide"]["caution"]

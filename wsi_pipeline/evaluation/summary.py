@@ -18,6 +18,7 @@ from wsi_pipeline.evaluation.metrics import confusion, decisions, metric_names, 
 LEVEL = 0.95
 CURVE_GRID = np.linspace(0.0, 1.0, 51)
 PATIENT_RULE = "patient probability = mean over the patient's slides"
+FEW_PATIENTS = 10  # below this many patients in a class, resampling them says little: the CIs get a caution
 
 
 def evaluate(cohort: Cohort, *, threshold: float = 0.5, threshold_source: str = "default",
@@ -60,12 +61,26 @@ def evaluate_level(cohort: Cohort, *, threshold: float, n_resamples: int, seed: 
         "confusion_matrix": confusion(y, probs, threshold),
         "calibration": reliability(y, probs),
     }
+    caution = few_patients(cohort)
+    if caution:
+        result["caution"] = caution
     if len(cohort.classes) == 2 and why is None:
         auc, lo, hi = delong.auc_ci(y == 1, probs[:, 1], LEVEL)
         result["auc_delong"] = {"value": auc, "ci": [lo, hi]}
         if curves:
             result["curves"] = curve_bands(y == 1, probs[:, 1], W)
     return result
+
+
+def few_patients(cohort: Cohort) -> str | None:
+    """A plain warning when some class has fewer than FEW_PATIENTS patients, else None."""
+    counts = {c: len({k for k, y in zip(cohort.case_ids, cohort.y, strict=True) if y == i})
+              for i, c in enumerate(cohort.classes)}
+    few = [f"{n} of class {c!r}" for c, n in counts.items() if 0 < n < FEW_PATIENTS]
+    if not few:
+        return None
+    return (f"few patients ({', '.join(few)}): the bootstrap can only reshuffle these, so its CIs are rough "
+            "(degenerate with one patient in a class)")
 
 
 def bootstrap_values(y: np.ndarray, probs: np.ndarray, W: np.ndarray, *, threshold: float,

@@ -33,9 +33,11 @@ def pooled_auc_line(evaluation: Mapping[str, Any]) -> str:
 
 
 def undefined_notes(level: Mapping[str, Any]) -> list[str]:
-    """"AUC, average precision: undefined: <why>", one line per distinct reason, for a table's footnote."""
+    """"AUC, average precision: undefined: <why>", one line per distinct reason, and the few-patients caution:
+    a table's footnotes."""
     by_reason: dict[str, list[str]] = {}
     for name, entry in ordered(level["metrics"]):
         if entry.get("value") is None:
             by_reason.setdefault(entry.get("reason", "undefined"), []).append(NAMES[name])
-    return [f"{', '.join(names)}: {why}" for why, names in by_reason.items()]
+    return [f"{', '.join(names)}: {why}" for why, names in by_reason.items()] + (
+        [f"caution: {level['caution']}"] if level.get("caution") else [])

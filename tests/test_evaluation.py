@@ -207,3 +207,14 @@ def test_few_patients_get_a_caution_next_to_their_cis() -> None:
     few = evaluate(Cohort(tuple(map(str, range(40))), tuple(f"p{v}{i % 3}" for i, v in enumerate(y)), y, probs,
                           ("a", "b")), n_resamples=50)
     assert "few patients (3 of class 'a', 3 of class 'b')" in few["slide"]["caution"]
+
+
+def test_patient_level_is_the_mean_probability_of_its_slides() -> None:
+    probs = np.array([[0.2, 0.8], [0.4, 0.6], [0.5, 0.5], [0.1, 0.9]])
+    cohort = Cohort(("a", "b", "c", "d"), ("p", "p", "q", "r"), np.array([1, 1, 0, 1]), probs, ("x", "y"))
+    patients = cohort.by_patient()
+    assert patients.slide_ids == ("p", "q", "r") and patients.y.tolist() == [1, 0, 1]
+    np.testing.assert_allclose(patients.probs, [[0.3, 0.7], [0.5, 0.5], [0.1, 0.9]])
+    mixed = Cohort(("a", "b"), ("p", "p"), np.array([0, 1]), probs[:2], ("x", "y"))
+    assert mixed.by_patient() is None and mixed.mixed_label_patients() == ["p"]
+    assert "patients with slides of different labels: p" in evaluate(mixed, n_resamples=20)["patient"]["undefined"]

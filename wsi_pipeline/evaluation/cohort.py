@@ -34,8 +34,7 @@ class Cohort:
     def by_patient(self) -> Cohort | None:
         """One row per patient: the mean probability over its slides. None when a patient's slides carry
         different labels (there is then no patient label to score against)."""
-        patient, patients = patient_index(self.case_ids)
-        labels = [set(self.y[patient == i].tolist()) for i in range(len(patients))]
+        patient, patients, labels = self._patient_labels()
         if any(len(found) > 1 for found in labels):
             return None
         counts = np.bincount(patient, minlength=len(patients))[:, None]
@@ -46,5 +45,13 @@ class Cohort:
 
     def mixed_label_patients(self) -> list[str]:
         """Patients whose slides carry different labels."""
-        return [c for c in dict.fromkeys(self.case_ids)
-                if len({int(y) for y, k in zip(self.y, self.case_ids, strict=True) if k == c}) > 1]
+        _, patients, labels = self._patient_labels()
+        return [c for c, found in zip(patients, labels, strict=True) if len(found) > 1]
+
+    def _patient_labels(self) -> tuple[np.ndarray, list[str], list[set[int]]]:
+        """(patient index of each slide, patient ids, the set of labels of each patient's slides)."""
+        patient, patients = patient_index(self.case_ids)
+        labels: list[set[int]] = [set() for _ in patients]
+        for i, y in zip(patient, self.y, strict=True):
+            labels[i].add(int(y))
+        return patient, patients, labels

@@ -24,8 +24,10 @@ from wsi_pipeline.stages.extract import ExtractParams, extract
 from wsi_pipeline.stages.inputs import resolve_inputs
 from wsi_pipeline.stages.patch import patch
 from wsi_pipeline.stages.predict import PredictParams, predict
+from wsi_pipeline.stages.predict.cohort import resolve_threshold
 from wsi_pipeline.stages.train import TrainParams, train
 from wsi_pipeline.testing.synthetic import make_demo_cohort
+from wsi_pipeline.workspace.layout import RunDir
 
 WSIP = [sys.executable, "-m", "wsi_pipeline.cli"]
 
@@ -184,3 +186,17 @@ def test_compare_two_runs_on_the_same_splits_and_refuse_other_slides(study):
     with pytest.raises(UserError, match="did not see the same slides"):  # b scored other slides (a slides CSV)
         compare(CompareParams("a", "c"), out=ws)
     assert np.isfinite(record["balanced_accuracy"]["p_value"])
+
+
+def test_threshold_choices_are_checked(tmp_path):
+    """No training needed: a number in (0, 1), `youden` (recorded or one line saying why not), argmax for 3+."""
+    run = RunDir(tmp_path / "r")
+    assert resolve_threshold(0.3, run, ("a", "b")) == (0.3, "--threshold")
+    assert resolve_threshold(0.5, run, ("a", "b")) == (0.5, "default")
+    with pytest.raises(UserError, match=r"--threshold 1.5: give a probability in \(0, 1\)"):
+        resolve_threshold(1.5, run, ("a", "b"))
+    with pytest.raises(UserError, match="no recorded Youden threshold"):
+        resolve_threshold("youden", run, ("a", "b"))
+    with pytest.raises(UserError, match="applies to two classes"):
+        resolve_threshold(0.3, run, ("a", "b", "c"))
+    assert resolve_threshold(0.5, run, ("a", "b", "c")) == (0.5, "argmax")

@@ -5,9 +5,11 @@
 2. `wsip patch` → `wsip extract --encoder resnet18` (pretrained weights when they can be had, else
    `--weights random`, said plainly) → `wsip train` twice on the same splits: GMMamba (examples/demo.yaml) and
    ABMIL → `wsip predict` of the held-out slide with both runs, scoring attention on its lesions →
-   `wsip report`;
-3. a final table: held-out folds' balanced accuracy and AUC, the held-out slide's prediction, and the share
-   of its 10 most-attended patches that lie on a lesion, GMMamba next to ABMIL.
+   `wsip predict --labels` of a small external cohort (8 more labelled slides, another seed) with both runs →
+   `wsip compare` of the two runs on it → `wsip report`;
+3. a final table: held-out folds' balanced accuracy and AUC, the held-out slide's prediction, the share
+   of its 10 most-attended patches that lie on a lesion, and the external cohort's AUC and balanced accuracy
+   with 95% CIs, GMMamba next to ABMIL.
 
 `--small` runs a 10-slide, 2-fold, 3-epoch version (the test suite runs it so the demo cannot rot).
 """
@@ -25,11 +27,13 @@ from pathlib import Path
 
 import yaml
 
+from wsi_pipeline.evaluation.text import value_ci
 from wsi_pipeline.testing.synthetic import make_demo_cohort
 
 HERE = Path(__file__).resolve().parent
 FULL = {"n_slides": 40, "size": (2560, 3584), "hotspots": 3, "hotspot_radius": 220}
 SMALL = {"n_slides": 10, "size": (1536, 2048), "hotspots": 3, "hotspot_radius": 200}
+EXTERNAL = {"full": 8, "small": 4}  # labelled slides of the external cohort (docs/evaluation.md)
 
 
 def wsip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -73,7 +77,7 @@ def write_configs(out: Path, feature_set: str, small: bool) -> dict[str, Path]:
 
 
 def summary_row(out: Path, run: str) -> list[str]:
-    """The run's held-out folds (mean ± std) and its prediction of the held-out slide."""
+    """The run's held-out folds (mean ± std), its prediction of the held-out slide, its external AUC (95% CI)."""
     lines = (out / "runs" / run / "summary.csv").read_text().splitlines()
     summary = {r["fold"]: r for r in csv.DictReader(lines)}
     record = json.loads((out / "predictions" / run / "holdout.json").read_text())
@@ -81,12 +85,15 @@ def summary_row(out: Path, run: str) -> list[str]:
     metric = {k: cell(float(summary["mean"][k]), float(summary["std"][k])) for k in ("balanced_accuracy", "auc")}
     p = record["probabilities"]["tumour"]
     on_lesion = record.get("top10_on_annotation")
+    external = json.loads((out / "predictions" / run / "metrics.json").read_text())["slide"]["metrics"]
     return [run.removeprefix("demo_"), metric["balanced_accuracy"], metric["auc"],
-            f"{record['predicted']} (p={p:.2f})", "–" if on_lesion is None else f"{on_lesion:.0%}"]
+            f"{record['predicted']} (p={p:.2f})", "–" if on_lesion is None else f"{on_lesion:.0%}",
+            value_ci(external["auc"]), value_ci(external["balanced_accuracy"])]
 
 
 def print_table(rows: list[list[str]]) -> None:
-    header = ["model", "held-out folds: bal. acc.", "AUC", "held-out slide (a tumour)", "top-10 attention on lesions"]
+    header = ["model", "held-out folds: bal. acc.", "AUC", "held-out slide (a tumour)", "top-10 attention on lesions",
+              "external: AUC (95% CI)", "bal. acc. (95% CI)"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
@@ -102,6 +109,11 @@ def main() -> None:
     cohort = SMALL if args.small else FULL
     print(f"generating {cohort['n_slides']} demo slides + 1 held-out slide in {out / 'slides'} …", flush=True)
     make_demo_cohort(out / "slides", **cohort, workers=os.cpu_count() or 1)
+    n_external = EXTERNAL["small" if args.small else "full"]
+    print(f"generating an external cohort of {n_external} labelled slides in {out / 'external' / 'slides'} …",
+          flush=True)
+    external = make_demo_cohort(out / "external" / "slides", **{**cohort, "n_slides": n_external}, seed=1,
+                                prefix="ext", workers=os.cpu_count() or 1)
     quiet = ["--quiet"] if args.small else []
     wsip("patch", str(out / "slides"), "--out", str(out), "--workers", "2", *quiet)
     configs = write_configs(out, extract_features(out, quiet), args.small)
@@ -110,7 +122,10 @@ def main() -> None:
         wsip("train", "--cfg", str(cfg), *quiet)
         wsip("predict", str(out / "holdout.svs"), "--run", name, "--annotations", str(out / "annotations"),
              "--out", str(out))
+        wsip("predict", str(out / "external" / "slides"), "--run", name, "--labels", str(external), "--no-heatmap",
+             "--out", str(out))
         rows.append(summary_row(out, name))
+    wsip("compare", "demo_abmil", "demo_gmmamba", "--on", "predictions", "--out", str(out))  # Δ = GMMamba − ABMIL
     wsip("report", "--out", str(out))
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s (workspace: {out})\n")
     print_table(rows)

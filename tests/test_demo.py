@@ -29,4 +29,8 @@ def test_small_demo_runs_end_to_end(tmp_path):
     assert 0 <= record["top10_on_annotation"] <= 1  # the lesions' ground truth reached predict
     assert (tmp_path / "report.html").stat().st_size > 10_000
     table = proc.stdout[proc.stdout.index("top-10 attention on lesions"):]
-    assert "gmmamba" in table and "abmil" in table
+    assert "gmmamba" in table and "abmil" in table and "external: AUC (95% CI)" in table
+    metrics = json.loads((tmp_path / "predictions/demo_gmmamba/metrics.json").read_text())
+    assert metrics["slide"]["n"] == 4 and set(metrics["slide"]["metrics"]["auc"]) >= {"value", "ci"}
+    comparison = json.loads((tmp_path / "comparisons/demo_abmil__vs__demo_gmmamba_predictions.json").read_text())
+    assert comparison["n"] == 4 and "p_value" in comparison["balanced_accuracy"]

@@ -71,7 +71,7 @@ def test_report_shows_each_stage_failures_first_and_the_runs_own_numbers(ws):
     result = report(out=ws)
     html = result.path.read_text()
     assert result.path == ws.root / "report.html" and sections(html) == ["overview", "cohort", "qc", "runs",
-                                                                         "predictions"]
+                                                                         "evaluation", "predictions"]
     cohort = section(html, "cohort")
     rows = read_manifest(ws.patch_sets()[0].manifest)
     encoded = read_manifest(ws.feature_sets()[0].manifest)
@@ -92,6 +92,14 @@ def test_report_shows_each_stage_failures_first_and_the_runs_own_numbers(ws):
     assert f"{float(summary['mean']['auc']):.3f} ± {float(summary['std']['auc']):.3f}" in runs
     plots = [base64.b64decode(p).decode() for p in re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"', runs)]
     assert len(plots) == 3 and "validation score" in plots[0] and "ROC" in plots[1] and "confusion" in plots[2]
+    evaluation = section(html, "evaluation")  # the run's pooled out-of-fold figures with CIs, from evaluation.json
+    pooled = json.loads(ws.run("e2e").evaluation.read_text())["pooled_out_of_fold"]["slide"]
+    auc = pooled["metrics"]["auc"]
+    assert "run e2e: pooled out-of-fold" in evaluation
+    assert f"{auc['value']:.3f} ({auc['ci'][0]:.3f}–{auc['ci'][1]:.3f})" in evaluation
+    curves = [base64.b64decode(p).decode()
+              for p in re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"', evaluation)]
+    assert any("95% band" in c for c in curves) and any("ECE" in c for c in curves)
     predicted = json.loads(ws.predictions("e2e").record("holdout").read_text())["predicted"]
     assert f"<b>holdout</b>: {predicted}" in section(html, "predictions")
     assert not re.findall(r'(?:src|href)="(?!data:|#)', html.split("</header>")[1].split('id="predictions"')[0])

@@ -16,6 +16,8 @@ from rich.table import Table
 
 from wsi_pipeline.cli_console import (
     console,
+    fail,
+    metrics_table,
     out_console,
     patch_progress,
     report_findings,
@@ -132,7 +134,11 @@ def train(
         table.add_row(str(fold.fold), *(_fmt(test.get(m)) for m in metrics))
     table.add_row("[bold]mean ± std", *(f"{m:.3f} ± {s:.3f}" for m, s in result.summary.values()))
     out_console.print(table)
-    console.print(escape(f"run → {result.run_dir} (report.md, summary.csv)"), highlight=False)
+    if result.evaluation:
+        from wsi_pipeline.evaluation.text import pooled_auc_line
+
+        out_console.print(pooled_auc_line(result.evaluation), highlight=False)
+    console.print(escape(f"run → {result.run_dir} (report.md, summary.csv, evaluation.json)"), highlight=False)
 
 
 def _fmt(value: Any) -> str:
@@ -151,12 +157,17 @@ def predict(
     heatmap: Annotated[bool, typer.Option("--heatmap/--no-heatmap", help="Write an attention heatmap PNG.")] = True,
     annotations: Annotated[Path | None, typer.Option(
         "--annotations", help="Folder of <slide_id>.geojson regions: outlined, and attention on them scored.")] = None,
+    labels: Annotated[Path | None, typer.Option(
+        "--labels", help="CSV slide_id,label[,case_id]: score the cohort with 95% CIs → metrics.json.")] = None,
+    threshold: Annotated[str, typer.Option(
+        "--threshold", help="p(positive) cut for binary decisions, or 'youden' (the run's, from val folds).")] = "0.5",
     out: OutOpt = None,
 ) -> None:
     """Predict new slides end to end with a trained run → <out>/predictions/<run name>/<slide_id>.json + heatmap.
 
     New slides are patched and encoded like the run's training slides, in <out>/predictions/_slides/ (cached;
-    the training cohort's files are never touched).
+    the training cohort's files are never touched). With --labels (or label/case_id columns in a slides CSV),
+    the cohort is scored: predictions.csv + metrics.json (metrics with 95% CIs, calibration).
     """
     from wsi_pipeline.stages import predict as predict_stage
     from wsi_pipeline.stages.inputs import resolve_inputs
@@ -165,7 +176,9 @@ def predict(
     with user_errors():
         sources = resolve_inputs(slides, mpp=mpp, mpp_override=mpp_override)
         params = predict_stage.PredictParams(run=run, fold=fold, device=device, heatmap=heatmap,
-                                             annotations=annotations.resolve() if annotations else None)
+                                             annotations=annotations.resolve() if annotations else None,
+                                             labels=labels.resolve() if labels else None,
+                                             threshold=threshold if threshold == "youden" else _number(threshold))
         with console.status("patching, extracting and predicting…"):
             result = predict_stage.predict(sources, params, out=out)
     table = Table(title=f"predictions ({result.run_dir.name})")
@@ -184,8 +197,58 @@ def predict(
                           highlight=False)
         if p.note:
             console.print(f"[yellow]note[/]: {escape(p.note)}", highlight=False)
+    if result.cohort is not None:
+        from wsi_pipeline.evaluation.text import undefined_notes
+
+        evaluation = result.cohort.evaluation
+        cut = evaluation["threshold"]
+        where = f"threshold {cut['value']:.3f} ({cut['source']})" if cut["value"] is not None else cut["source"]
+        out_console.print(metrics_table(f"{result.run_dir.name} on the labelled slides · {where}", evaluation))
+        for note in undefined_notes(evaluation["slide"]):
+            out_console.print(note, highlight=False, soft_wrap=True)
+        for note in result.cohort.notes:
+            console.print(f"[yellow]note[/]: {escape(note)}", highlight=False)
+        console.print(escape(f"metrics → {result.cohort.metrics_path}, {result.cohort.table_path}"), highlight=False)
     if any(p.status != DONE for p in result.predictions):
         raise typer.Exit(1)
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        fail(f"--threshold {text}: give a probability in (0, 1) or `youden`")
+
+
+@app.command()
+def compare(
+    run_a: Annotated[str, typer.Argument(help="The first run (A).")],
+    run_b: Annotated[str, typer.Argument(help="The second run (B); differences are B − A.")],
+    on: Annotated[str, typer.Option("--on", help="predictions (latest labelled `wsip predict`) | cv (pooled "
+                                    "out-of-fold, same splits).")] = "predictions",
+    resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap resamples (paired).")] = 1000,
+    out: OutOpt = None,
+) -> None:
+    """Two runs paired on the same slides: ΔAUC (DeLong, paired bootstrap CI), Δ balanced accuracy (McNemar)."""
+    from wsi_pipeline.stages.compare import CompareParams
+    from wsi_pipeline.stages.compare import compare as compare_runs
+
+    with user_errors():
+        result = compare_runs(CompareParams(run_a, run_b, on=on, n_resamples=resamples), out=out)
+    c = result.comparison
+    table = Table(title=f"{run_b} − {run_a} on {c['n']} slides ({c['n_patients']} patients), {on}")
+    for col in ("metric", run_a, run_b, "Δ (B − A) · 95% CI", "test", "p"):
+        table.add_column(col)
+    for name, label in (("auc", "AUC"), ("balanced_accuracy", "balanced accuracy")):
+        m = c[name]
+        if m.get("delta") is None:
+            table.add_row(label, "", "", m.get("reason", "undefined"), "", "")
+            continue
+        p = "–" if m.get("p_value") is None else f"{m['p_value']:.4f}"
+        table.add_row(label, f"{m['a']:.3f}", f"{m['b']:.3f}", f"{m['delta']:+.3f} ({m['ci'][0]:+.3f} to "
+                      f"{m['ci'][1]:+.3f})", m.get("test") or "–", p)
+    out_console.print(table)
+    console.print(f"comparison → {result.path}", highlight=False)
 
 
 @app.command()

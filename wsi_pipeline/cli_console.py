@@ -144,3 +144,27 @@ def report_written(kind: str, written: list[Path], failed: dict[str, str], out_d
         console.print(f"[red]{escape(slide_id)}[/]: {escape(reason)}", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
+
+
+def metrics_table(title: str, evaluation: dict[str, Any]) -> Any:
+    """A cohort's metrics with 95% CIs (docs/evaluation.md), slides and patients side by side."""
+    from rich.table import Table
+
+    from wsi_pipeline.evaluation.text import NAMES, ordered, value_ci
+
+    slide, patient = evaluation["slide"], evaluation["patient"]
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column(f"slides (n={slide['n']}) · 95% CI")
+    by_patient = "metrics" in patient
+    if by_patient:
+        table.add_column(f"patients (n={patient['n']}) · 95% CI")
+    for name, entry in ordered(slide["metrics"]):
+        table.add_row(NAMES[name], value_ci(entry, reason=False),
+                      *([value_ci(patient["metrics"][name], reason=False)] if by_patient else []))
+    if "auc_delong" in slide:
+        table.add_row("AUC, DeLong CI", value_ci(slide["auc_delong"]),
+                      *([value_ci(patient.get("auc_delong"))] if by_patient else []))
+    table.add_row("calibration (ECE)", f"{slide['calibration']['ece']:.3f}",
+                  *([f"{patient['calibration']['ece']:.3f}"] if by_patient else []))
+    return table

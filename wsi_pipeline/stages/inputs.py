@@ -6,7 +6,7 @@ import csv
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from wsi_pipeline.errors import InputError
@@ -18,7 +18,8 @@ from wsi_pipeline.workspace.slide_id import name_problem, shown
 @dataclass(frozen=True)
 class SlideSource:
     """One slide to process (absolute path), with its MPP override (a CSV `mpp` column or `--mpp-override`:
-    wins over what the slide records) and its MPP fallback (`--mpp`: used only when the slide records none).
+    wins over what the slide records), its MPP fallback (`--mpp`: used only when the slide records none), and
+    the optional `label` and `case_id` columns of a slide CSV (what `wsip predict` scores, docs/evaluation.md).
 
     A DICOM WSI is its series folder: a .dcm file given here stands for the folder it is in.
     """
@@ -26,6 +27,8 @@ class SlideSource:
     path: Path
     mpp: float | None = None
     mpp_fallback: float | None = None
+    label: str | None = None
+    case_id: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", slide_location(Path(self.path).expanduser().absolute()))
@@ -60,7 +63,7 @@ def _csv_mpp(text: str, where: str) -> float | None:
 def _read_slide_csv(path: Path) -> list[SlideSource]:
     reader = csv.DictReader(decoded_lines(path))
     if "slide_path" not in (reader.fieldnames or []):
-        raise InputError(f"{path}: a slide CSV needs a `slide_path` column (optional: `mpp`)")
+        raise InputError(f"{path}: a slide CSV needs a `slide_path` column (optional: `mpp`, `label`, `case_id`)")
     sources = []
     for line, row in enumerate(reader, start=2):
         text = (row["slide_path"] or "").strip()
@@ -69,7 +72,9 @@ def _read_slide_csv(path: Path) -> list[SlideSource]:
         slide_path = Path(text)
         if not slide_path.is_absolute():
             slide_path = path.parent / slide_path
-        sources.append(SlideSource(slide_path, _csv_mpp((row.get("mpp") or "").strip(), f"{path}:{line}")))
+        label, case_id = ((row.get(k) or "").strip() or None for k in ("label", "case_id"))
+        sources.append(SlideSource(slide_path, _csv_mpp((row.get("mpp") or "").strip(), f"{path}:{line}"),
+                                   label=label, case_id=case_id))
     return sources
 
 
@@ -98,7 +103,7 @@ def resolve_inputs(inputs: Iterable[str | os.PathLike[str]], *, mpp: float | Non
             sources.append(SlideSource(item))
         else:
             raise InputError(f"{item}: no such file or folder (check the path)")
-    sources = [SlideSource(s.path, s.mpp if s.mpp is not None else mpp_override, mpp) for s in sources]
+    sources = [replace(s, mpp=s.mpp if s.mpp is not None else mpp_override, mpp_fallback=mpp) for s in sources]
     seen: dict[str, Path] = {}
     for s in sources:
         if s.slide_id in seen and seen[s.slide_id] != s.path:

@@ -286,7 +286,7 @@ def write_lesions_geojson(path: Path, centres: list[tuple[int, int]], radius: fl
 
 def make_demo_cohort(folder: str | os.PathLike[str], *, n_slides: int = 16, size: tuple[int, int] = (4096, 6144),
                      mpp: float = 0.5, hotspots: int = 5, hotspot_radius: int = 120, seed: int = 0,
-                     workers: int = 2) -> Path:
+                     workers: int = 2, prefix: str = "demo") -> Path:
     """A labelled cohort of procedural H&E slides + `labels.csv` (slide_id,label,case_id); deterministic.
 
     Every other slide is `tumour`: it differs from `normal` only in `hotspots` small clusters of dense,
@@ -294,6 +294,7 @@ def make_demo_cohort(folder: str | os.PathLike[str], *, n_slides: int = 16, size
     1 & 3 share a patient (case_id), so patient-level splitting matters. A held-out `tumour` slide,
     `holdout.svs`, is written beside the cohort (not in labels.csv) for `wsip predict`. The lesions of every
     tumour slide are written as GeoJSON to `annotations/<slide_id>.geojson` beside the cohort folder.
+    Slides are named `<prefix>_<i>` (another prefix makes a second cohort whose names do not clash).
     """
     from concurrent.futures import ProcessPoolExecutor
 
@@ -303,7 +304,7 @@ def make_demo_cohort(folder: str | os.PathLike[str], *, n_slides: int = 16, size
     rows, jobs = [], []
     for i in range(n_slides + 1):
         held_out = i == n_slides
-        slide_id = "holdout" if held_out else f"demo_{i:02d}"
+        slide_id = "holdout" if held_out else f"{prefix}_{i:02d}"
         tumour = held_out or DEMO_CLASSES[i % 2] == "tumour"
         if not held_out:
             case = f"P{i % 2:02d}" if i < 4 else f"P{i:02d}"

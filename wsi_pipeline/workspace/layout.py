@@ -8,9 +8,11 @@
                                      h5_files/<slide_id>.h5, pt_files/<slide_id>.pt, .partial/<slide_id>.zarr,
                                      manifest.csv, params.json
   runs/<name>/                       config.yaml, features.json, splits.csv, groups/, fold_<k>/, summary.csv,
-                                     report.md
+                                     report.md, evaluation.json + oof_predictions.csv (pooled out-of-fold)
   predictions/<run name>/            <slide_id>.json, <slide_id>_heatmap.png, <slide_id>_attention.h5,
-                                     <slide_id>.geojson (`wsip export geojson --run`), viewer/<slide_id>/ (`wsip view`)
+                                     <slide_id>.geojson (`wsip export geojson --run`), viewer/<slide_id>/ (`wsip view`),
+                                     predictions.csv + metrics.json (`wsip predict --labels`)
+  comparisons/<run a>__vs__<run b>_<on>.json  `wsip compare`
   predictions/_slides/               a workspace of its own for the slides being predicted
   report.html                        `wsip report`
 ```
@@ -176,6 +178,11 @@ class FoldDir:
         return self.dir / "preds.csv"
 
     @property
+    def val_preds(self) -> Path:
+        """Val probabilities at the selected epoch: where the Youden threshold is picked (never on test)."""
+        return self.dir / "val_preds.csv"
+
+    @property
     def metrics(self) -> Path:
         """Written last: its presence marks the fold finished."""
         return self.dir / "metrics.json"
@@ -211,6 +218,16 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.dir / "report.md"
+
+    @property
+    def evaluation(self) -> Path:
+        """Pooled out-of-fold statistics with CIs and the Youden threshold (docs/evaluation.md)."""
+        return self.dir / "evaluation.json"
+
+    @property
+    def oof_predictions(self) -> Path:
+        """Every test slide's probabilities pooled over the folds (`wsip compare --on cv` pairs on them)."""
+        return self.dir / "oof_predictions.csv"
 
     @property
     def lock(self) -> Path:
@@ -269,9 +286,19 @@ class PredictionSet:
         """The viewer's page, the file to open."""
         return self.viewer(slide_id) / VIEWER_PAGE
 
+    @property
+    def table(self) -> Path:
+        """The latest labelled cohort's per-slide probabilities, labels and decisions (`--labels`)."""
+        return self.dir / "predictions.csv"
+
+    @property
+    def metrics(self) -> Path:
+        """The latest labelled cohort's statistics with CIs (`--labels`)."""
+        return self.dir / "metrics.json"
+
     def slide_ids(self) -> list[str]:
         """The slides predicted so far, by name."""
-        return sorted(p.stem for p in self.dir.glob("*.json"))
+        return sorted(p.stem for p in self.dir.glob("*.json") if p != self.metrics)
 
 
 @dataclass(frozen=True)
@@ -352,6 +379,13 @@ class Layout:
     def prediction_slides(self) -> Layout:
         """The workspace in which slides given to `wsip predict` are patched and encoded."""
         return Layout(self.predictions_dir / SLIDES_FOLDER)
+
+    def comparison(self, run_a: str, run_b: str, on: str) -> Path:
+        """`wsip compare RUN_A RUN_B --on ON`'s result (JSON)."""
+        return self.root / "comparisons" / f"{run_a}__vs__{run_b}_{on}.json"
+
+    def comparisons(self) -> list[Path]:
+        return sorted((self.root / "comparisons").glob("*.json"))
 
     @property
     def report(self) -> Path:

@@ -127,9 +127,11 @@ def write_log(fold: FoldDir, rows: Sequence[Mapping[str, Any]]) -> None:
     write_text_if_changed(fold.log, text.getvalue())
 
 
-def write_preds(fold: FoldDir, classes: Sequence[str], rows: Sequence[tuple[str, str, Sequence[float]]]) -> None:
-    """`rows`: (slide_id, true class, class probabilities); probabilities written with `repr` (exact)."""
-    with atomic_write(fold.preds) as tmp, open(tmp, "w", newline="") as f:
+def write_preds(fold: FoldDir, classes: Sequence[str], rows: Sequence[tuple[str, str, Sequence[float]]],
+                part: str = "test") -> None:
+    """`rows`: (slide_id, true class, class probabilities) of the fold's `part` ("test": preds.csv, "val":
+    val_preds.csv, what a validation-picked threshold reads); probabilities written with `repr` (exact)."""
+    with atomic_write(fold.preds if part == "test" else fold.val_preds) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["slide_id", "label", *(f"prob_{c}" for c in classes)])
         for slide_id, label, probs in rows:

@@ -8,6 +8,10 @@ attention (masked instances: zero) becomes a heatmap. Outputs: `predictions/<run
 `<slide_id>_heatmap.png` and `<slide_id>_attention.h5` (per-patch attention, for `wsip view` and the QuPath
 export), rewritten only when they change: predicting a slide again writes nothing (a read-only workspace works
 once its predictions are there).
+
+With labels (`labels`, or a slide CSV's `label` column) the call is an external validation:
+`predictions/<run name>/predictions.csv` and `metrics.json` hold the cohort's statistics with CIs
+(:mod:`wsi_pipeline.stages.predict.cohort`, docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ from wsi_pipeline.stages.extract import extract
 from wsi_pipeline.stages.inputs import SlideSource, split_valid
 from wsi_pipeline.stages.patch import patch
 from wsi_pipeline.stages.predict.annotations import annotation_file, outer_rings, top_k_on_annotation
+from wsi_pipeline.stages.predict.cohort import (
+    CohortResult,
+    check_labels,
+    cohort_labels,
+    resolve_threshold,
+    write_cohort,
+)
 from wsi_pipeline.stages.predict.heatmap import percentile_scores, render_heatmap
 from wsi_pipeline.stages.predict.trained_run import find_run, load_fold_models, predict_bag, recorded_stage_params
 from wsi_pipeline.stages.runner import DONE, FAILED, FAILURES
@@ -47,6 +58,8 @@ class PredictParams:
     heatmap: bool = True
     annotations: Path | None = None  # folder of <slide_id>.geojson regions (e.g. lesions): outlined on the
     # heatmap, and the fraction of the 10 most-attended patches on them is recorded (`top10_on_annotation`)
+    labels: Path | None = None  # CSV slide_id,label[,case_id]: score the cohort (predictions.csv, metrics.json)
+    threshold: float | str = 0.5  # p(positive) cut of binary decisions, or "youden" (the run's, from val folds)
 
 
 @dataclass
@@ -68,6 +81,7 @@ class PredictResult:
     classes: tuple[str, ...]
     predictions: list[SlidePrediction]
     out_dir: Path  # predictions/<run name>/
+    cohort: CohortResult | None = None  # with labels: the cohort's statistics (metrics.json)
 
 
 def predict(slides: Sequence[SlideSource], params: PredictParams = PredictParams(), *,
@@ -85,6 +99,10 @@ def _predict(slides: Sequence[SlideSource], params: PredictParams, layout: Layou
     device = resolve_device(params.device)
     models = load_fold_models(run, params.fold, device)
     classes = tuple(models[0][1]["model"]["classes"])
+    labels, labels_from = cohort_labels(slides, params.labels)
+    if labels:  # checked before any slide is processed: a bad labels file writes nothing
+        check_labels(labels, [s.slide_id for s in slides], classes, labels_from)
+    threshold = resolve_threshold(params.threshold, run, classes)
     record, patch_params, extract_params = recorded_stage_params(run)
     work = layout.prediction_slides()
     slides, refused = split_valid(slides)
@@ -100,6 +118,7 @@ def _predict(slides: Sequence[SlideSource], params: PredictParams, layout: Layou
     remove_stale_temps(prediction_set.dir, *layout.staging_dirs())
     training_ids = _training_ids(run)
     predictions = [SlidePrediction(shown(s.slide_id), FAILED, error=why) for s, why in refused]
+    records = {}
     for source in slides:
         sid = source.slide_id
         if sid in errors:
@@ -131,10 +150,17 @@ def _predict(slides: Sequence[SlideSource], params: PredictParams, layout: Layou
                 title=f"{sid}: {result['predicted']} ({max(mean):.2f}), run {run.name}") if params.heatmap else None
         json_path = prediction_set.record(sid)
         write_json_if_changed(json_path, result)
+        records[sid] = result
         predictions.append(SlidePrediction(sid, DONE, result["probabilities"], result["predicted"], json_path,
                                            heatmap_path, work.patch_set(patch_params.config_name()).qc(sid),
                                            note=note))
-    return PredictResult(run.dir, classes, predictions, prediction_set.dir)
+    cohort = None
+    if any(sid in labels for sid in records):
+        context = {"run": run.name, "fold": params.fold if params.fold is not None else "mean of the folds",
+                   "labels": labels_from}
+        cohort = write_cohort(prediction_set, records, labels, classes=classes, threshold=threshold,
+                              failed=list(errors), context=context)
+    return PredictResult(run.dir, classes, predictions, prediction_set.dir, cohort)
 
 
 def _check_same_features(params_json: Path, record: dict) -> None:

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from wsi_pipeline.errors import InputError, UserError, name_some
-from wsi_pipeline.stages.report import collect, html
+from wsi_pipeline.stages.report import collect, evaluation, html
 from wsi_pipeline.workspace.files import remove_stale_temps, write_text_atomic
 from wsi_pipeline.workspace.layout import Layout
 from wsi_pipeline.workspace.manifest import DONE, FAILED, NO_TISSUE
@@ -67,10 +67,16 @@ def report(params: ReportParams = ReportParams(), *, out: str | Path | Layout | 
     parts = {"overview": html.overview(overview), "cohort": html.cohort(tables),
              "qc": html.qc_gallery([(p.name, collect.qc_items(p)) for p in layout.patch_sets()], params.thumbnail_px),
              "runs": html.runs(records),
+             "evaluation": evaluation.section(runs, prediction_sets, _comparisons(layout, params.run)),
              "predictions": html.predictions(predicted, layout.root, params.thumbnail_px * 3 // 2)}
     meta = f"{layout.root} · written {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
     write_text_atomic(layout.report, html.page(title=f"wsip report: {layout.root.name}", meta=meta, parts=parts))
     return ReportResult(layout.report, layout.report.stat().st_size, time.perf_counter() - start, slides)
+
+
+def _comparisons(layout: Layout, run: str | None) -> list[Path]:
+    """`wsip compare` results, those involving `run` only when one is chosen."""
+    return [p for p in layout.comparisons() if run is None or run in p.stem.rsplit("_", 1)[0].split("__vs__")]
 
 
 def _check_run(name: str, layout: Layout, names: list[str]) -> None:

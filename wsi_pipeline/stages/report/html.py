@@ -2,7 +2,8 @@
 
 Sections, always present and in this order (an empty one says which command fills it): overview, cohort
 (a table per stage output, failures first), QC gallery (failures first), runs (config, split sizes, per-fold
-test metrics with mean ± std, learning curves, ROC, confusion matrix), predictions (heatmap gallery).
+test metrics with mean ± std, learning curves, ROC, confusion matrix), evaluation (metrics with 95% CIs, curves
+with bootstrap bands, calibration, comparisons; docs/evaluation.md), predictions (heatmap gallery).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from wsi_pipeline.stages.report.collect import PredictionItem, QCItem, RunRecord
 from wsi_pipeline.stages.report.media import svg_uri, thumbnail_uri
 from wsi_pipeline.workspace.manifest import DONE, FAILED, NO_TISSUE
 
-SECTIONS = ("overview", "cohort", "qc", "runs", "predictions")
+SECTIONS = ("overview", "cohort", "qc", "runs", "evaluation", "predictions")
 _TITLES = {"overview": "Overview", "cohort": "Cohort", "qc": "QC gallery", "runs": "Runs",
-           "predictions": "Predictions"}
+           "evaluation": "Evaluation (95% CIs)", "predictions": "Predictions"}
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d2329;background:#f6f7f9}

@@ -1,4 +1,5 @@
-"""The report's plots, drawn by matplotlib as SVG: learning curves, ROC curves and the confusion matrix.
+"""The report's plots, drawn by matplotlib as SVG: learning curves, ROC curves, the confusion matrix, and a
+cohort's ROC / PR curves with bootstrap bands and its reliability diagram (docs/evaluation.md).
 
 matplotlib is imported inside the functions (the CLI's light commands never pay for it), and figures are
 made with `matplotlib.figure.Figure` directly — no pyplot, no global backend or figure state. SVG text
@@ -103,7 +104,12 @@ def confusion_matrix(folds: Sequence[FoldRecord], classes: Sequence[str]) -> byt
                 if "confusion_matrix" in f.metrics.get("test", {})]
     if not matrices:
         return None
-    total = np.sum(matrices, axis=0)
+    return confusion_counts(np.sum(matrices, axis=0), classes, "confusion, test folds")
+
+
+def confusion_counts(total: np.ndarray, classes: Sequence[str], title: str) -> bytes:
+    """A C × C count matrix (rows: true class) as a heat table."""
+    total = np.asarray(total)
     with _figure(1.6 + 0.8 * len(classes), 1.4 + 0.7 * len(classes)) as (figure, (ax,)):
         ax.imshow(total, cmap="Blues", vmin=0)
         for (i, j), n in np.ndenumerate(total):
@@ -111,5 +117,40 @@ def confusion_matrix(folds: Sequence[FoldRecord], classes: Sequence[str]) -> byt
         ticks = range(len(classes))
         ax.set_xticks(ticks, classes, rotation=30, ha="right")
         ax.set_yticks(ticks, classes)
-        ax.set(xlabel="predicted", ylabel="true", title="confusion, test folds")
+        ax.set(xlabel="predicted", ylabel="true", title=title)
+        return _svg(figure)
+
+
+def curves_with_bands(curves: dict[str, Any], positive: str, title: str) -> bytes:
+    """ROC and precision–recall curves (`evaluation.summary.curve_bands`) with their 95% bootstrap bands."""
+    roc, pr = curves["roc"], curves["pr"]
+    with _figure(7.6, 3.4, ncols=2) as (figure, (roc_ax, pr_ax)):
+        roc_ax.fill_between(roc["fpr"], *roc["band"], step="post", color="C0", alpha=0.25, label="95% band")
+        roc_ax.step(roc["fpr"], roc["tpr"], where="post", color="C0", label="ROC")
+        roc_ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
+        roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02),
+                   aspect="equal", title=f"ROC (positive: {positive})")
+        pr_ax.fill_between(pr["recall"], *pr["band"], color="C1", alpha=0.25, label="95% band")
+        pr_ax.plot(pr["recall"], pr["precision"], color="C1", label="precision–recall")
+        pr_ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), aspect="equal",
+                  title="precision–recall")
+        for ax in (roc_ax, pr_ax):
+            ax.legend(fontsize=7, loc="lower right" if ax is roc_ax else "lower left")
+        figure.suptitle(title, fontsize=9)
+        return _svg(figure)
+
+
+def reliability_diagram(calibration: dict[str, Any], title: str) -> bytes:
+    """Observed share against mean predicted probability per bin (`evaluation.calibration`); point size ~ count."""
+    bins = calibration["bins"]
+    with _figure(3.6, 3.4) as (figure, (ax,)):
+        ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", label="perfectly calibrated")
+        ax.plot([b["confidence"] for b in bins], [b["observed"] for b in bins], color="C2", marker="o",
+                label=f"ECE {calibration['ece']:.3f}")
+        for b in bins:
+            ax.annotate(str(b["count"]), (b["confidence"], b["observed"]), fontsize=6, xytext=(3, -8),
+                        textcoords="offset points")
+        ax.set(xlabel="predicted probability", ylabel="observed share", xlim=(0, 1), ylim=(0, 1.02),
+               aspect="equal", title=title)
+        ax.legend(fontsize=7, loc="upper left")
         return _svg(figure)

@@ -6,7 +6,8 @@ and the fix); only then are bags loaded and folds trained, each by :func:`wsi_pi
 
 Outputs, in `<out>/runs/<name>/` (`workspace.layout.RunDir`): `config.yaml` (resolved), `features.json` (what
 the features were made with, for `wsip predict`), `splits.csv`, `groups/` (cached instance groups),
-`fold_<k>/{log.csv,preds.csv,best.pt,last.pt,metrics.json}`, `summary.csv`, `report.md`. One `wsip train`
+`fold_<k>/{log.csv,preds.csv,val_preds.csv,best.pt,last.pt,metrics.json}`, `summary.csv`, `report.md`,
+`evaluation.json` + `oof_predictions.csv` (pooled out-of-fold statistics with CIs, Youden threshold). One `wsip train`
 writes a run at a time (a lock beside the run folder).
 
 A model may fix options from the cohort before any fold (2dmamba's grid extent, `cohort_options`); they are
@@ -32,6 +33,7 @@ from wsi_pipeline.device import resolve_device
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.stages.train.bags import Bag, load_bags
 from wsi_pipeline.stages.train.config import TrainConfig, config_from_dict, config_to_dict, dump_config, load_config
+from wsi_pipeline.stages.train.evaluation import write_run_evaluation
 from wsi_pipeline.stages.train.folds import FoldData, run_fold
 from wsi_pipeline.stages.train.labels import LabelledSlides, load_labelled_slides
 from wsi_pipeline.stages.train.metrics import SCALARS, summarize
@@ -68,6 +70,7 @@ class TrainResult:
     classes: tuple[str, ...]
     folds: list[FoldResult]
     summary: dict[str, tuple[float, float]]  # metric -> (mean, std with ddof=0) of the folds' test metrics
+    evaluation: dict[str, Any] | None = None  # evaluation.json: pooled out-of-fold metrics with CIs, Youden
 
 
 def train(params: TrainParams, *, progress: ProgressLike | None = None) -> TrainResult:
@@ -99,9 +102,10 @@ def train(params: TrainParams, *, progress: ProgressLike | None = None) -> Train
         fold_metrics = [r.metrics for r in results]
         summary = summarize([m["test"] for m in fold_metrics])
         write_summary(run, fold_metrics, summary, SCALARS)
+        evaluation = write_run_evaluation(run, slides, splits.folds)
         write_report(run.report, name=cfg.name, classes=slides.classes, folds=fold_metrics, summary=summary,
-                     config_yaml=dump_config(cfg), splits=describe_splits(cfg.splits))
-    return TrainResult(run.dir, slides.classes, results, summary)
+                     config_yaml=dump_config(cfg), splits=describe_splits(cfg.splits), evaluation=evaluation)
+    return TrainResult(run.dir, slides.classes, results, summary, evaluation)
 
 
 def resolve_config(params: TrainParams) -> TrainConfig:

@@ -82,6 +82,7 @@ class FoldState:
     best_val: dict[str, Any] | None = None
     best_test: dict[str, Any] | None = None
     best_test_probs: list[list[float]] | None = None
+    best_val_probs: list[list[float]] | None = None  # for the Youden threshold (val_preds.csv)
     log: list[dict[str, Any]] = field(default_factory=list)
 
     def finished(self, optim: OptimConfig) -> bool:
@@ -121,12 +122,12 @@ def run_fold(
         epoch = state.epoch + 1
         try:
             train_loss = train_epoch(model, optimizer, data, generator=shuffle, device=device)
-            val = classification_metrics([data.labels[s] for s in data.val],
-                                         predict_probs(model, data, data.val, device))
+            val_probs = predict_probs(model, data, data.val, device)
+            val = classification_metrics([data.labels[s] for s in data.val], val_probs)
             score = selection_score(val)
             selected = epoch > optim.select_after and score > state.best_score
             if selected:
-                _select(state, model, data, epoch=epoch, score=score, val=val, device=device)
+                _select(state, model, data, epoch=epoch, score=score, val=val, val_probs=val_probs, device=device)
         except NotFinite as exc:
             raise ConfigError(f"{out.dir}: fold {fold}, epoch {epoch}: {exc}; training diverged and this epoch "
                               f"was not saved: lower optim.lr (now {optim.lr:g}) or check that slide's features"
@@ -206,10 +207,12 @@ def _select(
     epoch: int,
     score: float,
     val: dict[str, Any],
+    val_probs: np.ndarray,
     device: torch.device,
 ) -> None:
     probs = predict_probs(model, data, data.test, device)
     state.best_score, state.best_epoch, state.best_val = score, epoch, val
+    state.best_val_probs = val_probs.tolist()
     state.best_test = classification_metrics([data.labels[s] for s in data.test], probs)
     state.best_test_probs = probs.tolist()
 
@@ -224,18 +227,20 @@ def _finish(
     out: FoldDir,
     meta: dict[str, Any],
 ) -> dict[str, Any]:
-    """Write preds.csv, the log (a run killed between `last.pt` and `log.csv` of its final epoch resumes
-    straight here) and, last (it marks the fold done), metrics.json."""
+    """Write preds.csv and val_preds.csv, the log (a run killed between `last.pt` and `log.csv` of its final
+    epoch resumes straight here) and, last (it marks the fold done), metrics.json."""
     write_log(out, state.log)
     selection = "best_val"
     if state.best_epoch < 0:  # no epoch was eligible: fall back to the last one
         selection = "last_epoch"
         val_probs = predict_probs(model, data, data.val, device)
         val = classification_metrics([data.labels[s] for s in data.val], val_probs)
-        _select(state, model, data, epoch=state.epoch, score=selection_score(val), val=val, device=device)
+        _select(state, model, data, epoch=state.epoch, score=selection_score(val), val=val, val_probs=val_probs,
+                device=device)
         save_checkpoint(out.best, model, {**meta, "epoch": state.epoch, "val_score": state.best_score})
-    write_preds(out, spec.classes, [(s, spec.classes[data.labels[s]], p)
-                                    for s, p in zip(data.test, state.best_test_probs or [], strict=True)])
+    write_preds(out, spec.classes, _pred_rows(spec, data, data.test, state.best_test_probs or []))
+    if state.best_val_probs is not None:  # None only in a fold resumed from a checkpoint of an older wsip
+        write_preds(out, spec.classes, _pred_rows(spec, data, data.val, state.best_val_probs), part="val")
     metrics = {
         "fold": meta["fold"],
         "selection": selection,
@@ -293,3 +298,9 @@ def _numpy_state() -> tuple[Any, ...]:
     """numpy's global state with the key as a list, so the checkpoint loads with weights_only=True."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
     return kind, key.tolist(), pos, has_gauss, gauss
+
+
+def _pred_rows(spec: ModelSpec, data: FoldData, ids: Sequence[str],
+               probs: Sequence[Sequence[float]]) -> list[tuple[str, str, Sequence[float]]]:
+    """(slide_id, true class, probabilities) rows of one partition, as `run_store.write_preds` takes them."""
+    return [(s, spec.classes[data.labels[s]], p) for s, p in zip(ids, probs, strict=True)]

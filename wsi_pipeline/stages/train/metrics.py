@@ -28,15 +28,15 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from wsi_pipeline.evaluation.metrics import decisions
+
 SCALARS = ("accuracy", "auc", "f1", "precision", "recall", "balanced_accuracy")
 
 
 def predict_labels(probs: np.ndarray) -> np.ndarray:
-    """Binary: 1[p₁ ≥ 0.5] (ties go to the positive class, as in the original); else argmax."""
-    probs = np.asarray(probs, dtype=np.float64)
-    if probs.shape[1] == 2:
-        return (probs[:, 1] >= 0.5).astype(np.int64)
-    return probs.argmax(axis=1)
+    """Binary: 1[p₁ ≥ 0.5] (ties go to the positive class, as in the original); else argmax (the decision rule
+    of `wsi_pipeline.evaluation`, shared with predict)."""
+    return decisions(np.asarray(probs, dtype=np.float64), 0.5)
 
 
 def classification_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> dict[str, Any]:

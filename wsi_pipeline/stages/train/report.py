@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from wsi_pipeline.evaluation.text import NAMES, ordered, pooled_auc_line, value_ci
 from wsi_pipeline.stages.train.config import SplitsConfig
 from wsi_pipeline.stages.train.metrics import SCALARS
 from wsi_pipeline.workspace.files import write_text_if_changed
@@ -25,8 +26,10 @@ def write_report(
     summary: Mapping[str, tuple[float, float]],
     config_yaml: str,
     splits: str,
+    evaluation: Mapping[str, Any] | None = None,
 ) -> None:
-    """`splits` says how the folds were made (:func:`describe_splits`)."""
+    """`splits` says how the folds were made (:func:`describe_splits`); `evaluation` is the run's
+    evaluation.json (pooled out-of-fold metrics with CIs, docs/evaluation.md)."""
     lines = [
         f"# wsip run `{name}`",
         "",
@@ -39,6 +42,7 @@ def write_report(
         "|---|---|",
         *(f"| {k} | {summary[k][0]:.3f} ± {summary[k][1]:.3f} |" for k in SCALARS),
         "",
+        *(_pooled_section(evaluation) if evaluation else []),
         "## Per fold",
         "",
         "| fold | selected epoch | " + " | ".join(SCALARS) + " |",
@@ -67,6 +71,14 @@ def write_report(
         "",
     ]
     write_text_if_changed(path, "\n".join(lines))
+
+
+def _pooled_section(evaluation: Mapping[str, Any]) -> list[str]:
+    """The pooled out-of-fold metrics with their 95% CIs, beside the mean ± std over folds."""
+    metrics = evaluation["pooled_out_of_fold"]["slide"]["metrics"]
+    return [pooled_auc_line(evaluation), "",
+            "| metric (pooled out-of-fold) | value (95% CI) |", "|---|---|",
+            *(f"| {NAMES[k]} | {value_ci(v)} |" for k, v in ordered(metrics)), ""]
 
 
 def _class_order_line(classes: Sequence[str]) -> str:

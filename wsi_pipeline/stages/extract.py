@@ -19,14 +19,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wsi_pipeline.device import resolve_device
 from wsi_pipeline.errors import InputError, UserError
-from wsi_pipeline.models.encoders import Encoder, create_encoder, get_spec
+from wsi_pipeline.models.encoders import Encoder, Preprocess, create_encoder, get_spec
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.stages import runner
 from wsi_pipeline.stages.runner import SlideOutcome
@@ -86,11 +85,12 @@ class SlideJob:
 
 
 class PatchDataset(Dataset):
-    """Patches of one slide as uint8 (3, S, S) tensors; each worker opens its own slide handle."""
+    """Patches of one slide as uint8 (3, S, S) tensors, resized/cropped as the encoder's preprocessing says;
+    each worker opens its own slide handle."""
 
-    def __init__(self, slide_path: Path, coords: np.ndarray, level: int, read_size: int, input_size: int):
+    def __init__(self, slide_path: Path, coords: np.ndarray, level: int, read_size: int, pre: Preprocess):
         self.slide_path, self.coords, self.level = slide_path, coords, level
-        self.read_size, self.input_size = read_size, input_size
+        self.read_size, self.pre = read_size, pre
         self._slide: Slide | None = None
 
     def __len__(self) -> int:
@@ -101,14 +101,7 @@ class PatchDataset(Dataset):
             self._slide = Slide(self.slide_path)
         x, y = self.coords[index]
         rgb = self._slide.read_region((int(x), int(y)), self.level, (self.read_size, self.read_size))
-        return index, torch.from_numpy(resize_patch(rgb, self.input_size)).permute(2, 0, 1)
-
-
-def resize_patch(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Area interpolation to the encoder's input (the anti-aliased choice for downsampling)."""
-    if rgb.shape[0] == size and rgb.shape[1] == size:
-        return np.ascontiguousarray(rgb)
-    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+        return index, torch.from_numpy(self.pre.resize_crop(rgb)).permute(2, 0, 1)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -153,12 +146,13 @@ def extract_slide(job: SlideJob, *, encoder: Encoder, params: ExtractParams, fea
     store = PartialFeatures(partial_path, len(coords), encoder.dim, params.chunk_rows, key)
     todo = [c for c in range(store.n_chunks) if c not in store.done_chunks()]
     start, n_new = time.perf_counter(), sum(len(store.chunk_rows_range(c)) for c in todo)
-    dataset = PatchDataset(job.path, coords, int(cattrs["read_level"]), int(cattrs["read_size"]), pre.input_size)
+    dataset = PatchDataset(job.path, coords, int(cattrs["read_level"]), int(cattrs["read_size"]), pre)
     _encode_chunks(dataset, store, todo, encoder, params,
                    lambda done: on_patches and on_patches(job.slide_id, done, n_new))
     seconds = time.perf_counter() - start
     attrs = {**cattrs, "coords_cache_key": cattrs.get("cache_key"), "encoder": params.encoder,
-             "weights_sha256": encoder.weights_sha256, "input_size": pre.input_size, "mean": list(pre.mean),
+             "weights_sha256": encoder.weights_sha256, "input_size": pre.input_size,
+             "resize_size": pre.resize_size or pre.input_size, "feature": encoder.spec.features, "mean": list(pre.mean),
              "std": list(pre.std), "cache_key": key,
              "precision": precision_name(params.precision, encoder.device)}
     write_features(h5_path, pt_path, store.read_all(), coords, attrs)
@@ -212,6 +206,7 @@ def _cache_key(encoder: Encoder, params: ExtractParams, coords_attrs: dict[str, 
     pre = encoder.preprocess
     return params_hash({"coords": coords_attrs.get("cache_key"), "slide": coords_attrs.get("slide_fingerprint"),
                         "encoder": params.encoder, "weights": encoder.weights_sha256, "size": pre.input_size,
+                        "resize": pre.resize_size,
                         "mean": pre.mean, "std": pre.std, "precision": precision_name(params.precision, encoder.device),
                         "code": _CODE})
 

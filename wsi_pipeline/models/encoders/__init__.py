@@ -13,39 +13,31 @@ from pathlib import Path
 
 import torch
 
-from wsi_pipeline.models.encoders.spec import (
+from wsi_pipeline.models.encoder_cards import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     LUNIT_MEAN,
     LUNIT_STD,
-    Encoder,
-    EncoderSpec,
-    Preprocess,
+    LUNIT_VIT_S16_URL,
 )
-from wsi_pipeline.models.encoders.weights import (
-    EncoderError,
-    WeightsFormatError,
-    WeightsUnavailableError,
-    fetch_pretrained,
-    load_weights,
-    map_checkpoint_keys,
-    read_state_dict,
-)
-from wsi_pipeline.models.encoders.zoo import get_spec, list_encoders
-from wsi_pipeline.models.pretrained import LUNIT_VIT_S16_URL
+from wsi_pipeline.models.encoders.errors import EncoderError, WeightsFormatError, WeightsUnavailableError
+from wsi_pipeline.models.encoders.spec import Encoder, EncoderSpec, Preprocess
+from wsi_pipeline.models.encoders.weights import expected_keys, load_weights, pretrained_path, read_state_dict
+from wsi_pipeline.models.encoders.zoo import build_card, get_spec, list_encoders
 from wsi_pipeline.workspace.files import file_sha256
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "LUNIT_MEAN", "LUNIT_STD", "LUNIT_VIT_S16_URL", "Encoder", "EncoderError",
-    "EncoderSpec", "Preprocess", "WeightsFormatError", "WeightsUnavailableError", "create_encoder", "get_spec",
-    "list_encoders", "load_weights", "map_checkpoint_keys",
+    "EncoderSpec", "Preprocess", "WeightsFormatError", "WeightsUnavailableError", "build_card", "create_encoder",
+    "get_spec", "list_encoders", "load_weights",
 ]
 
 
 def create_encoder(
     name: str, weights: str | os.PathLike = "pretrained", *, device: str | torch.device = "cpu", seed: int = 0
 ) -> Encoder:
-    """Build encoder ``name`` with ``weights``: "pretrained" (hub/URL, cached), "random", or a file path.
+    """Build encoder ``name`` with ``weights``: "pretrained" (the weights folder, else the source's cache, else
+    downloaded: `weights.pretrained_path`), "random", or a file path.
 
     The module is always built under ``seed`` (without touching the global RNG), so ``random`` gives the
     same features in every run; its ``weights_sha256`` is the marker ``random:<seed>``.
@@ -53,7 +45,7 @@ def create_encoder(
     spec = get_spec(name)
     path = None
     if str(weights) == "pretrained":
-        path = fetch_pretrained(spec.name, spec.weights_source)  # before building: fail fast, no wasted init
+        path = pretrained_path(spec)  # before building: fail fast, no wasted init
     elif str(weights) != "random":
         path = Path(weights)
         if not path.is_file():
@@ -66,12 +58,14 @@ def create_encoder(
         sha256 = f"random:{seed}"
     else:
         try:
-            load_weights(module, read_state_dict(path), classifier_prefix=spec.classifier_prefix)
+            load_weights(module, read_state_dict(path), classifier_prefix=spec.classifier_prefix,
+                         layout=spec.layout)
         except WeightsFormatError as exc:
             if str(path) in str(exc):
                 raise
-            raise WeightsFormatError(f"--weights {path}: {exc}; pass weights of encoder {spec.name} (or the "
-                                     "--encoder they were made for)") from None
+            raise WeightsFormatError(f"{path}: not weights of encoder {spec.name} ({exc}); it expects "
+                                     f"{expected_keys(module)}; pass its weights, or the --encoder they were made "
+                                     "for") from None
         sha256 = file_sha256(path)
     device = torch.device(device)
     module = module.to(device).eval().requires_grad_(False)

@@ -99,8 +99,8 @@ _NC_ND = "CC-BY-NC-ND 4.0 (non-commercial, no derivatives)"
 CARDS: dict[str, EncoderCard] = {card.name: card for card in (
     EncoderCard(
         name="resnet18", title="ResNet18, ImageNet (torchvision weights)", arch="resnet18", timm_kwargs=_kw(),
-        dim=512, feature="avgpool", params=11_176_512, published_m=11.7,
-        published_source="torchvision model docs (11.7M with the 1000-class fc; 11.18M without it)",
+        dim=512, feature="avgpool", params=11_176_512, published_m=11.18,
+        published_source="torchvision model docs: 11,689,512 with the 1000-class fc (513,000), so 11.18M without it",
         input_size=224, resize_size=224, interpolation="area", mean=IMAGENET_MEAN, std=IMAGENET_STD,
         magnification=20, patch_px=256, licence="BSD-3-Clause (torchvision)", gated=False,
         source="hf-hub:timm/resnet18.tv_in1k", filename="model.safetensors", classifier_prefix="fc"),

@@ -72,8 +72,8 @@ def patch(
 
 @app.command()
 def extract(
-    encoder: Annotated[str, typer.Option("--encoder", help="resnet18 | vit_s16_ssl | timm:<name>.")] = "resnet18",
-    weights: Annotated[str, typer.Option("--weights", help="pretrained | random | PATH (state dict).")] = "pretrained",
+    encoder: Annotated[str, typer.Option("--encoder", help="See `wsip encoders`, or timm:<name>.")] = "resnet18",
+    weights: Annotated[str, typer.Option("--weights", help="pretrained | random | PATH.")] = "pretrained",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Patches per forward pass.")] = 32,
     workers: Annotated[int, typer.Option("--workers", help="Patch-reading processes (0: main process).")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:i.")] = "auto",
@@ -292,6 +292,17 @@ def status(out: OutOpt = None) -> None:
         table.add_row(str(run.dir.relative_to(layout.root)), f"{done} folds", "", "",
                       "summary.csv" if run.summary.is_file() else "in progress")
     out_console.print(table)
+
+
+@app.command()
+def encoders(
+    name: Annotated[str | None, typer.Argument(help="An encoder: its full card and how to get its weights.")] = None,
+) -> None:
+    """Registered patch encoders: dim, parameters, input, magnification, licence, weights on this machine."""
+    from wsi_pipeline.cli_encoders import card_table, encoders_table
+
+    with user_errors():
+        out_console.print(card_table(name) if name else encoders_table())
 
 
 @app.command()

@@ -109,7 +109,7 @@ CARDS: dict[str, EncoderCard] = {card.name: card for card in (
         arch="vit_small_patch16_224", timm_kwargs=_kw(global_pool="token"), dim=384, feature="cls",
         params=21_665_664, published_m=21.7, published_source="timm vit_small_patch16_224 (22M, DeiT-S size)",
         input_size=224, resize_size=224, interpolation="area", mean=LUNIT_MEAN, std=LUNIT_STD,
-        magnification=20, patch_px=256, licence="lunit release terms (see the benchmark-ssl-pathology repository)",
+        magnification=20, patch_px=256, licence="lunit terms (see the benchmark-ssl-pathology repository)",
         gated=False, source=LUNIT_VIT_S16_URL, filename="dino_vit_small_patch16_ep200.torch"),
     EncoderCard(
         name="uni", title="UNI (Mahmood Lab, Chen et al. Nat Med 2024)", arch="vit_large_patch16_224",
@@ -158,7 +158,7 @@ CARDS: dict[str, EncoderCard] = {card.name: card for card in (
         timm_kwargs=_kw(img_size=224, init_values=1e-5, global_pool="token"), dim=1536, feature="cls",
         params=1_134_774_272, published_m=1100.0, published_source="H-optimus-1 model card (1.1B, ViT-g/14)",
         input_size=224, resize_size=224, interpolation="bilinear", mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
-        magnification=20, patch_px=224, licence="Bioptimus non-commercial terms (see the model card)",
+        magnification=20, patch_px=224, licence="non-commercial (Bioptimus terms, see the model card)",
         gated=True, source="hf-hub:bioptimus/H-optimus-1", filename="pytorch_model.bin", prefix_tokens=5),
     EncoderCard(
         name="gigapath", title="Prov-GigaPath tile encoder (Xu et al. Nature 2024)", arch="vit_giant_patch14_dinov2",
@@ -174,7 +174,7 @@ CARDS: dict[str, EncoderCard] = {card.name: card for card in (
         timm_kwargs=_kw(img_size=224, patch_size=16, init_values=1e-5), dim=1024, feature="cls",
         params=303_350_784, published_m=303.0, published_source="ViT-L/16 DINOv2 (Phikon-v2 paper, arXiv:2409.09173)",
         input_size=224, resize_size=224, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        magnification=20, patch_px=224, licence="Owkin non-commercial licence (see the model card)", gated=False,
+        magnification=20, patch_px=224, licence="non-commercial (Owkin licence, see the model card)", gated=False,
         source="hf-hub:owkin/phikon-v2", filename="model.safetensors", layout="hf-dinov2"),
 )}
 

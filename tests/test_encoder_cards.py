@@ -12,21 +12,19 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
+from conftest import SHALLOW_DEPTH as DEPTH
 from safetensors.torch import save_file
 from timm.layers import SwiGLUPacked
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from wsi_pipeline.errors import UserError
-from wsi_pipeline.models import encoders as enc
 from wsi_pipeline.models.encoder_cards import CARDS, HOPTIMUS_MEAN, HOPTIMUS_STD, IMAGENET_MEAN, IMAGENET_STD
 from wsi_pipeline.models.encoders import WeightsFormatError, create_encoder, zoo
 
@@ -49,23 +47,12 @@ OFFICIAL = {
         "img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
         "init_values": 1e-5, "mlp_ratio": 5.33334}),
 }
-DEPTH = 1  # the reduced copies: one transformer block, every width and token count as published
 
 
 def _official(name: str, seed: int = 3) -> nn.Module:
     arch, kwargs = OFFICIAL[name]
     torch.manual_seed(seed)
     return timm.create_model(arch, pretrained=False, num_classes=0, **{**kwargs, "depth": DEPTH}).eval()
-
-
-@pytest.fixture
-def shallow(monkeypatch: pytest.MonkeyPatch):
-    """Registers reduced-depth copies of the named cards (every other option as on the card)."""
-    def use(name: str) -> enc.EncoderSpec:
-        spec = zoo.get_spec(name)
-        monkeypatch.setitem(zoo._REGISTRY, name, replace(spec, builder=partial(spec.builder, depth=DEPTH)))
-        return zoo.get_spec(name)
-    return use
 
 
 def _images(size: int, n: int = 2) -> torch.Tensor:
@@ -158,19 +145,41 @@ def _coca_pool(tokens: torch.Tensor, sd: dict[str, torch.Tensor], heads: int = 8
     return F.layer_norm(out[:, 0], (768,), sd["ln_contrast.weight"], sd["ln_contrast.bias"])
 
 
-def test_conch_v15_official_layout_at_448(shallow, tmp_path: Path) -> None:
-    """The file holds a 224-px position grid; at 448 px the official trunk interpolates it DINO-style."""
-    torch.manual_seed(5)
+def conch_official(seed: int = 5) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A reduced CONCH v1.5 vision tower as its file holds it: the timm trunk at 224 px (``trunk.*``), the pooler
+    and the final LayerNorm (random values)."""
+    torch.manual_seed(seed)
     trunk = timm.create_model("vit_large_patch16_224", num_classes=0, img_size=224, init_values=1.0,
                               depth=DEPTH).eval()
     sd = {f"trunk.{k}": v for k, v in trunk.state_dict().items()}
-    gen = torch.Generator().manual_seed(6)
+    gen = torch.Generator().manual_seed(seed)
     for key, shape in {"query": (1, 768), "ln_q.weight": (768,), "ln_q.bias": (768,), "ln_k.weight": (1024,),
                        "ln_k.bias": (1024,), "to_q.weight": (768, 768), "to_kv.weight": (1536, 1024),
                        "to_out.weight": (768, 768)}.items():
         sd[f"attn_pool_contrast.{key}"] = torch.randn(shape, generator=gen) * 0.05 + ("ln_" in key and "weight"
                                                                                          in key)
     sd["ln_contrast.weight"], sd["ln_contrast.bias"] = torch.ones(768) * 1.5, torch.randn(768, generator=gen)
+    return trunk, sd
+
+
+def official_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """The reduced model's weights as the official file names them, for every registered encoder."""
+    if name in OFFICIAL:
+        return _official(name).state_dict()
+    if name == "conch_v15":
+        return conch_official()[1]
+    torch.manual_seed(4)
+    if name == "phikon_v2":
+        return _dinov2_state_dict(timm.create_model("vit_large_patch16_224", num_classes=0, init_values=1e-5,
+                                                    depth=DEPTH))
+    if name == "vit_s16_ssl":
+        return timm.create_model("vit_small_patch16_224", num_classes=0, depth=DEPTH).state_dict()
+    return timm.create_model("resnet18", num_classes=0).state_dict()
+
+
+def test_conch_v15_official_layout_at_448(shallow, tmp_path: Path) -> None:
+    """The file holds a 224-px position grid; at 448 px the official trunk interpolates it DINO-style."""
+    trunk, sd = conch_official()
     path = tmp_path / "pytorch_model_vision.bin"
     torch.save(sd, path)
     shallow("conch_v15")

@@ -34,9 +34,11 @@ NETWORK_TIMEOUT_S = 10.0
 _SNIFF_BYTES = 512
 
 
-def load_weights(module: nn.Module, state_dict: StateDict, *, classifier_prefix: str, layout: str = "timm") -> None:
+def load_weights(module: nn.Module, state_dict: StateDict, *, classifier_prefix: str, layout: str = "timm",
+                 assign: bool = False) -> None:
     """Load after mapping the layout's keys, failing on ANY missing, unexpected or mis-shaped key: a partially
-    loaded backbone runs without complaint and produces plausible but wrong features."""
+    loaded backbone runs without complaint and produces plausible but wrong features. ``assign``: the module
+    takes the tensors themselves (a module built on the meta device)."""
     mapped = to_module_keys(state_dict, layout, module, classifier_prefix=classifier_prefix)
     expected = module.state_dict()
     missing = sorted(expected.keys() - mapped.keys())
@@ -47,7 +49,7 @@ def load_weights(module: nn.Module, state_dict: StateDict, *, classifier_prefix:
             f"weights do not fit {type(module).__name__}: missing {_preview(missing)}, "
             f"unexpected {_preview(unexpected)}, wrong shape {_preview(mis_shaped)}"
         )
-    module.load_state_dict(mapped, strict=True)
+    module.load_state_dict(mapped, strict=True, assign=assign)
 
 
 def expected_keys(module: nn.Module, shown: int = 3) -> str:

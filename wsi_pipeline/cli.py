@@ -197,7 +197,7 @@ def report(
     out_console.print(str(result.path), highlight=False, soft_wrap=True)
 
 
-export_app = typer.Typer(no_args_is_help=True, help="Results for other tools: QuPath GeoJSON.")
+export_app = typer.Typer(no_args_is_help=True, help="Results for other tools: QuPath GeoJSON, STAMP features.")
 app.add_typer(export_app, name="export")
 
 
@@ -219,6 +219,21 @@ def export_geojson(
     with user_errors():
         result = export(GeoJSONParams(run=run, patches=patches), out=out)
     report_written("GeoJSON", result.written, result.failed, result.out_dir)
+
+
+@export_app.command("stamp")
+def export_stamp(
+    out: OutOpt = None,
+    patches: Annotated[str | None, typer.Option("--patches", help="Patch config (when there are several).")] = None,
+    features: Annotated[str | None, typer.Option("--features", help="Feature set, e.g. uni (when several).")] = None,
+) -> None:
+    """A feature set in STAMP's layout (feats, coords in µm, tile_size_um) → features/<config>/<set>/stamp/."""
+    from wsi_pipeline.stages.export_features import ExportFeaturesParams, export_features
+
+    with user_errors():
+        result = export_features(ExportFeaturesParams("stamp", patches=patches, features=features), out=out)
+    console.print(f"{len(result.written)} STAMP feature files →", highlight=False)
+    out_console.print(str(result.out_dir), highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -14,6 +14,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -176,7 +177,13 @@ def _output_paths(slide_id: str, params: ExtractParams, feature_set: FeatureSet)
 
 def _encode_chunks(dataset: PatchDataset, store: PartialFeatures, chunks: Sequence[int], encoder: Encoder,
                    params: ExtractParams, report: Callable[[int], Any]) -> None:
-    """Run the loader over the pending chunks' rows; write each chunk as soon as its rows are all in."""
+    """Run the loader over the pending chunks' rows; write each chunk as soon as its rows are all in.
+
+    The forward pass never waits on output: a batch's features come back to the host one batch later (on CUDA
+    an asynchronous copy into pinned memory, so the GPU is already busy with the next batch), and chunk writes
+    run on a writer thread. Reading and resizing run in the loader's workers (docs/encoders.md, "Memory and
+    speed").
+    """
     rows = [i for c in chunks for i in store.chunk_rows_range(c)]
     if not rows:
         return
@@ -184,21 +191,57 @@ def _encode_chunks(dataset: PatchDataset, store: PartialFeatures, chunks: Sequen
     loader = DataLoader(dataset, batch_size=params.batch_size, sampler=rows, num_workers=params.workers,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if params.workers else None)
     dtype = autocast_dtype(params.precision, device)
-    pending: dict[int, dict[int, np.ndarray]] = {c: {} for c in chunks}
+    collect = _ChunkCollector(store, chunks)
+    lagged: tuple[torch.Tensor, torch.Tensor, Any] | None = None
     done = 0
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast, ThreadPoolExecutor(max_workers=1) as writer:
         for index, batch in loader:
             x = encoder.preprocess.normalize(batch.to(device, non_blocking=True))
-            feats = encoder(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
-            for i, f in zip(index.tolist(), feats, strict=True):
-                chunk = i // store.chunk_rows
-                pending[chunk][i] = f
-                if len(pending[chunk]) == len(store.chunk_rows_range(chunk)):
-                    block = pending.pop(chunk)
-                    store.write_chunk(chunk, np.stack([block[r] for r in store.chunk_rows_range(chunk)]))
+            feats = encoder(x.contiguous(memory_format=torch.channels_last)).float()
+            if lagged is not None:
+                collect(*lagged, writer)
+            lagged = (index, *_to_host(feats))
             done += len(index)
             report(done)
+        if lagged is not None:
+            collect(*lagged, writer)
+        collect.finish()
+
+
+def _to_host(feats: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start the copy of a batch's features to the host; the event (CUDA) says when it has landed."""
+    if feats.device.type != "cuda":
+        return feats, None
+    host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+    host.copy_(feats, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+class _ChunkCollector:
+    """Rows in, whole chunks out to the writer thread; `finish` waits for the writes and re-raises their errors."""
+
+    def __init__(self, store: PartialFeatures, chunks: Sequence[int]):
+        self.store, self.pending = store, {c: {} for c in chunks}
+        self.writes: list[Future] = []
+
+    def __call__(self, index: torch.Tensor, host: torch.Tensor, event: Any, writer: ThreadPoolExecutor) -> None:
+        if event is not None:
+            event.synchronize()
+        store = self.store
+        for i, f in zip(index.tolist(), host.numpy(), strict=True):
+            chunk = i // store.chunk_rows
+            self.pending[chunk][i] = f
+            if len(self.pending[chunk]) == len(store.chunk_rows_range(chunk)):
+                block = self.pending.pop(chunk)
+                rows = np.stack([block[r] for r in store.chunk_rows_range(chunk)])
+                self.writes.append(writer.submit(store.write_chunk, chunk, rows))
+
+    def finish(self) -> None:
+        for write in self.writes:
+            write.result()
 
 
 def _cache_key(encoder: Encoder, params: ExtractParams, coords_attrs: dict[str, Any]) -> str:

@@ -111,12 +111,6 @@ def features_are_current(h5_path: Path | None, pt_path: Path | None, key: str) -
         return False
 
 
-def read_bag(h5_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, D) float32, coords (N, 2) int64) from a CLAM-style features h5."""
-    with h5py.File(h5_path, "r") as f:
-        return f["features"][:].astype(np.float32), f["coords"][:].astype(np.int64)
-
-
 def feature_attrs(h5_path: Path) -> dict[str, Any]:
     """The attrs of a features h5 (encoder, weights sha, and the coords attrs such as patch_size_level0)."""
     with h5py.File(h5_path, "r") as f:

@@ -112,6 +112,10 @@ class FeatureSet(_StageOutputs):
     def output_dirs(self) -> tuple[Path, ...]:
         return self.h5_dir, self.pt_dir, self.dir
 
+    def export_dir(self, tool: str) -> Path:
+        """The same features in another tool's layout (`wsip export stamp`): `<feature set>/<tool>/`."""
+        return self.dir / tool
+
 
 @dataclass(frozen=True)
 class FoldDir:

@@ -21,8 +21,9 @@ from wsi_pipeline.errors import ConfigError, name_some
 from wsi_pipeline.models.mil import create_model
 from wsi_pipeline.stages.train.config import TrainConfig
 from wsi_pipeline.workspace.coords_store import coords_attrs
-from wsi_pipeline.workspace.layout import H5_FOLDER, feature_set_at
+from wsi_pipeline.workspace.layout import feature_set_at
 from wsi_pipeline.workspace.manifest import manifest_rows
+from wsi_pipeline.workspace.peer_features import feature_folder, features_key
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def load_labelled_slides(cfg: TrainConfig) -> LabelledSlides:
     """Everything `train` needs to know about the data, or a :class:`ConfigError`."""
     rows = read_labels(cfg.data.labels)
     classes = _class_order(rows, cfg.data.classes, labels_path=cfg.data.labels, source=cfg.source)
-    h5_dir = _h5_folder(cfg.data.features)
+    h5_dir = feature_folder(cfg.data.features).h5_dir
     slides = tuple(
         SlideRecord(slide_id=sid, label=classes.index(label), case_id=case, h5_path=h5_dir / f"{sid}.h5")
         for sid, label, case in rows
@@ -121,17 +122,6 @@ def _class_order(
     return list(classes)
 
 
-def _h5_folder(features: Path) -> Path:
-    h5_dir = features / H5_FOLDER
-    if not h5_dir.is_dir():
-        hint = " (point data.features at its parent)" if features.name == H5_FOLDER else ""
-        raise ConfigError(
-            f"{features}: no {H5_FOLDER}/ folder here; data.features must be a feature-set folder "
-            f"written by `wsip extract`{hint}"
-        )
-    return h5_dir
-
-
 def _check_h5_present(slides: Sequence[SlideRecord], *, h5_dir: Path, labels_path: Path) -> None:
     missing = [s.slide_id for s in slides if not s.h5_path.is_file()]
     if missing:
@@ -161,9 +151,11 @@ def _h5_header(path: Path) -> tuple[int, dict]:
     """(feature dim, attrs) from an h5's header, checking its datasets' shapes."""
     try:
         with h5py.File(path, "r") as f:
-            if "features" not in f or "coords" not in f:
-                raise ConfigError(f"{path}: needs datasets 'features' and 'coords' (re-run `wsip extract`)")
-            features, coords, attrs = f["features"].shape, f["coords"].shape, dict(f.attrs)
+            key = features_key(f)
+            if key is None or "coords" not in f:
+                raise ConfigError(f"{path}: needs datasets 'features' (or STAMP's 'feats') and 'coords' "
+                                  "(re-run `wsip extract`)")
+            features, coords, attrs = f[key].shape, f["coords"].shape, dict(f.attrs)
     except OSError as e:
         raise ConfigError(f"{path}: unreadable h5 ({e}); re-run `wsip extract` for this slide") from None
     if len(features) != 2 or features[0] == 0 or coords != (features[0], 2):

@@ -27,6 +27,7 @@ from wsi_pipeline.stages.train.splits import Splits, parse_splits_csv, write_spl
 from wsi_pipeline.workspace.files import json_text, remove_stale_temps, write_json_if_changed, write_text_if_changed
 from wsi_pipeline.workspace.layout import RunDir, feature_set_at
 from wsi_pipeline.workspace.locks import OwnerLock
+from wsi_pipeline.workspace.peer_features import feature_folder
 
 log = logging.getLogger(__name__)
 _NOT_EXPERIMENT = ("device", "out")  # keys that may change between a run and its resume
@@ -90,7 +91,8 @@ def features_record(cfg: TrainConfig) -> dict[str, Any]:
     weights sha256), so `wsip predict` can process a new slide the same way from the run alone."""
     parsed = feature_set_at(cfg.data.features)
     if parsed is None or not parsed[1].params.is_file():
-        return {"features": str(cfg.data.features), "made_by_wsip": False}
+        layout = feature_folder(cfg.data.features).describe()
+        return {"features": str(cfg.data.features), "made_by_wsip": False, "layout": layout}
     _, feature_set = parsed
     return {"features": str(cfg.data.features), "made_by_wsip": True, "feature_set": feature_set.name,
             **json.loads(feature_set.params.read_text())}

@@ -47,7 +47,9 @@ def card_table(name: str) -> Table:
         "model": card.title,
         "architecture": f"timm {card.arch} ({options}, num_classes=0)" + (
             " + CoCa attentional pooler + LayerNorm" if card.module == "conch-v1.5" else ""),
-        "parameters": f"{card.params:,} (published: {card.published_m:g} M, {card.published_source})",
+        "parameters": f"{card.params:,} ("
+                      + (f"published: {card.published_m:g} M, " if card.published_m is not None else "")
+                      + f"{card.published_source})",
         "output": f"{card.dim}-d: {card.feature_text}",
         "preprocessing": f"{resize} (official: {card.interpolation}; wsip: area), RGB / 255, "
                          f"mean {card.mean}, std {card.std}",

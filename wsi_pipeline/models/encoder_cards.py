@@ -47,8 +47,9 @@ LAYOUTS = {
 
 @dataclass(frozen=True)
 class EncoderCard:
-    """One encoder, as documented by its authors. ``params`` is the exact count of the module we build;
-    ``published_m`` (millions) is the figure the authors publish, with ``published_source``."""
+    """One encoder, as documented by its authors. ``params`` is the exact count of the module we build (equal to
+    the count of the model their loading code builds); ``published_m`` (millions) is the figure they publish,
+    where they publish one, with ``published_source``."""
 
     name: str
     title: str
@@ -57,7 +58,7 @@ class EncoderCard:
     dim: int
     feature: str  # a FEATURES key
     params: int
-    published_m: float
+    published_m: float | None  # None: the authors give the architecture, not a count
     published_source: str
     input_size: int
     resize_size: int  # the patch is resized to this, then centre-cropped to input_size
@@ -107,14 +108,15 @@ CARDS: dict[str, EncoderCard] = {card.name: card for card in (
     EncoderCard(
         name="vit_s16_ssl", title="ViT-S/16 DINO on pathology (lunit, Kang et al. CVPR 2023)",
         arch="vit_small_patch16_224", timm_kwargs=_kw(global_pool="token"), dim=384, feature="cls",
-        params=21_665_664, published_m=21.7, published_source="timm vit_small_patch16_224 (22M, DeiT-S size)",
+        params=21_665_664, published_m=22.0, published_source="ViT-S/16 (22M, the DeiT-S size lunit's paper uses)",
         input_size=224, resize_size=224, interpolation="area", mean=LUNIT_MEAN, std=LUNIT_STD,
         magnification=20, patch_px=256, licence="lunit terms (see the benchmark-ssl-pathology repository)",
         gated=False, source=LUNIT_VIT_S16_URL, filename="dino_vit_small_patch16_ep200.torch"),
     EncoderCard(
         name="uni", title="UNI (Mahmood Lab, Chen et al. Nat Med 2024)", arch="vit_large_patch16_224",
         timm_kwargs=_kw(img_size=224, patch_size=16, init_values=1e-5), dim=1024, feature="cls",
-        params=303_350_784, published_m=303.0, published_source="ViT-L/16 (UNI README/model card: ViT-l/16)",
+        params=303_350_784, published_m=None,
+        published_source="the UNI README gives the architecture (ViT-l/16) and its timm options, not a count",
         input_size=224, resize_size=224, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD,
         magnification=20, patch_px=256, licence=_NC_ND, gated=True,
         source="hf-hub:MahmoodLab/UNI", filename="pytorch_model.bin"),
@@ -123,17 +125,18 @@ CARDS: dict[str, EncoderCard] = {card.name: card for card in (
         timm_kwargs=_kw(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
                         mlp_ratio=2.66667 * 2, no_embed_class=True, mlp_layer="SwiGLUPacked", act_layer="SiLU",
                         reg_tokens=8),
-        dim=1536, feature="cls", params=681_394_176, published_m=681.0,
-        published_source="UNI2-h model card (ViT-H/14-reg8, 681M)", input_size=224, resize_size=224,
+        dim=1536, feature="cls", params=681_394_176, published_m=None,
+        published_source="the UNI README gives the architecture (ViT-h/14-reg8) and its timm options, not a count",
+        input_size=224, resize_size=224,
         interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD, magnification=20, patch_px=256,
         licence=_NC_ND, gated=True, source="hf-hub:MahmoodLab/UNI2-h", filename="pytorch_model.bin",
         prefix_tokens=9),
     EncoderCard(
         name="conch_v15", title="CONCH v1.5 vision tower (Mahmood Lab, from TITAN)", arch="vit_large_patch16_224",
         timm_kwargs=_kw(img_size=448, patch_size=16, init_values=1.0, global_pool=""), dim=768,
-        feature="attn-pool", params=306_711_296, published_m=306.1,
-        published_source="count of the official module (ViT-L/16 trunk with a 224-px position grid + CoCa "
-                         "pooler); we hold the grid pre-interpolated to 448 px (+0.6M)",
+        feature="attn-pool", params=306_711_296, published_m=None,
+        published_source="no count published; the official module (ViT-L/16 trunk, 224-px position grid, CoCa "
+                         "pooler) has 306,109,184: we hold the grid interpolated to 448 px (+602,112)",
         input_size=448, resize_size=448, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD,
         magnification=20, patch_px=512, licence=_NC_ND, gated=True, source="hf-hub:MahmoodLab/conchv1_5",
         filename="pytorch_model_vision.bin", layout="conch-v1.5", module="conch-v1.5"),
@@ -149,14 +152,17 @@ CARDS: dict[str, EncoderCard] = {card.name: card for card in (
     EncoderCard(
         name="hoptimus0", title="H-optimus-0 (Bioptimus)", arch="vit_giant_patch14_reg4_dinov2",
         timm_kwargs=_kw(img_size=224, init_values=1e-5, global_pool="token"), dim=1536, feature="cls",
-        params=1_134_774_272, published_m=1100.0, published_source="H-optimus-0 model card (1.1B, ViT-g/14)",
+        params=1_134_774_272, published_m=None,
+        published_source="the H-optimus-0 README gives the architecture (g/14, 4 registers, 40 blocks, 24 heads, "
+                         "dim 1536), not a count",
         input_size=224, resize_size=224, interpolation="bilinear", mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
         magnification=20, patch_px=224, licence="Apache-2.0", gated=False,
         source="hf-hub:bioptimus/H-optimus-0", filename="pytorch_model.bin", prefix_tokens=5),
     EncoderCard(
         name="hoptimus1", title="H-optimus-1 (Bioptimus)", arch="vit_giant_patch14_reg4_dinov2",
         timm_kwargs=_kw(img_size=224, init_values=1e-5, global_pool="token"), dim=1536, feature="cls",
-        params=1_134_774_272, published_m=1100.0, published_source="H-optimus-1 model card (1.1B, ViT-g/14)",
+        params=1_134_774_272, published_m=None,
+        published_source="same architecture as H-optimus-0 (its official loader builds it identically)",
         input_size=224, resize_size=224, interpolation="bilinear", mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
         magnification=20, patch_px=224, licence="non-commercial (Bioptimus terms, see the model card)",
         gated=True, source="hf-hub:bioptimus/H-optimus-1", filename="pytorch_model.bin", prefix_tokens=5),
@@ -165,14 +171,16 @@ CARDS: dict[str, EncoderCard] = {card.name: card for card in (
         timm_kwargs=_kw(img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24,
                         init_values=1e-5, mlp_ratio=5.33334),
         dim=1536, feature="cls", params=1_134_953_984, published_m=1130.0,
-        published_source="Prov-GigaPath paper, Nature 630 (tile encoder ViT-g, 1.13B)", input_size=224,
+        published_source="Prov-GigaPath paper (Nature 630, 2024), tile encoder ~1.13 B as summarised by third "
+                         "parties", input_size=224,
         resize_size=256, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD, magnification=20,
         patch_px=256, licence="Apache-2.0 (gated: accept the terms on the hub)", gated=True,
         source="hf-hub:prov-gigapath/prov-gigapath", filename="pytorch_model.bin"),
     EncoderCard(
         name="phikon_v2", title="Phikon-v2 (Owkin, Filiot et al. 2024)", arch="vit_large_patch16_224",
         timm_kwargs=_kw(img_size=224, patch_size=16, init_values=1e-5), dim=1024, feature="cls",
-        params=303_350_784, published_m=303.0, published_source="ViT-L/16 DINOv2 (Phikon-v2 paper, arXiv:2409.09173)",
+        params=303_350_784, published_m=None,
+        published_source="the Phikon-v2 paper describes a ViT-L/16 trained with DINOv2; no exact count read",
         input_size=224, resize_size=224, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD,
         magnification=20, patch_px=224, licence="non-commercial (Owkin licence, see the model card)", gated=False,
         source="hf-hub:owkin/phikon-v2", filename="model.safetensors", layout="hf-dinov2"),

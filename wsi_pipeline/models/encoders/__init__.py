@@ -1,9 +1,10 @@
 """Patch encoders: a small timm-style registry (one `EncoderSpec` per encoder, one `create_encoder`).
 
-Each spec carries what its weights were trained with (input size, mean/std) and what it outputs (dim, how
-the feature is taken), so the extract stage never guesses (`spec.py`, `zoo.py`). Each `Encoder` records
-the sha256 of the weights it actually loaded, because features from different weights must never be mixed
-(`weights.py`: caches, downloads, checkpoint key maps).
+Each spec is built from its torch-free card (`models/encoder_cards.py`) and carries what its weights were
+trained with (resize, crop, mean/std) and what it outputs (dim, how the feature is formed), so the extract stage
+never guesses (`spec.py`, `zoo.py`, `towers.py` for CONCH v1.5's pooler). Weights come offline first and load
+strictly from each author's key layout (`weights.py`, `layouts.py`). Each `Encoder` records the sha256 of the
+weights it actually loaded, because features from different weights must never be mixed.
 """
 
 from __future__ import annotations

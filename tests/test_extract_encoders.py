@@ -25,7 +25,7 @@ from test_encoder_cards import official_state_dict
 from test_extract import direct_features
 
 from wsi_pipeline.models.encoder_cards import CARDS
-from wsi_pipeline.models.encoders import create_encoder
+from wsi_pipeline.models.encoders import WeightsUnavailableError, create_encoder
 from wsi_pipeline.stages.extract import ExtractParams, extract
 from wsi_pipeline.stages.inputs import SlideSource
 from wsi_pipeline.stages.patch import PatchParams, patch
@@ -119,6 +119,16 @@ def test_weights_folder_comes_before_the_cache(offline: list, tmp_path: Path) ->
     folder_file.unlink()  # now the cache's (broken) file is the one found, and named
     with pytest.raises(Exception, match="model.safetensors"):
         create_encoder("resnet18")
+    assert offline == []
+
+
+def test_missing_weights_offline_say_where_to_put_them(offline: list, tmp_path: Path) -> None:
+    with pytest.raises(WeightsUnavailableError) as info:
+        create_encoder("uni")
+    message = str(info.value)
+    assert "gated: accept the licence on https://huggingface.co/MahmoodLab/UNI" in message
+    assert f"put the file at {tmp_path / 'weights' / 'uni.safetensors|.bin|.pth'}" in message
+    assert "HF_HUB_OFFLINE" in message and "\n" not in message
     assert offline == []
 
 

@@ -186,7 +186,3 @@ CARDS: dict[str, EncoderCard] = {card.name: card for card in (
         source="hf-hub:owkin/phikon-v2", filename="model.safetensors", layout="hf-dinov2"),
 )}
 
-
-def card_names() -> list[str]:
-    """Registered names in the order they are documented (paper encoders first)."""
-    return list(CARDS)

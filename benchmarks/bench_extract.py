@@ -2,7 +2,9 @@
 
 (a) bare forward patches/s on random tensors, same batch size and threads; (b) `extract` patches/s on a
 generated multi-level slide; prints b/a per encoder. Target on a 2-core CPU: ≥ 0.8 for resnet18.
-Run: `.venv/bin/python benchmarks/bench_extract.py [--device cuda] [--batch-size 32] [--workers 1]`.
+Any registered encoder (random weights of the real architecture): `--encoder uni`; a smaller slide for the big
+ones: `--size 4000x4000`.
+Run: `.venv/bin/python benchmarks/bench_extract.py [--encoder NAME] [--device cuda] [--batch-size 32] [--workers 1]`.
 """
 
 from __future__ import annotations
@@ -57,13 +59,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--encoders", default="resnet18,vit_s16_ssl")
+    parser.add_argument("--encoders", "--encoder", default="resnet18,vit_s16_ssl",
+                        help="registered names (`wsip encoders`) or timm:<name>, comma-separated")
+    parser.add_argument("--size", default="12000x16000", help="generated slide, WxH px at 40x")
     args = parser.parse_args()
     device = resolve_device(args.device)
     workspace = Path(tempfile.mkdtemp())
     folder = workspace / "slides"
     folder.mkdir()
-    shutil.copy(generated_slide((12000, 16000), seed=1), folder / "bench.svs")
+    width, height = (int(v) for v in args.size.split("x"))
+    shutil.copy(generated_slide((width, height), seed=1), folder / "bench.svs")
     shutil.copy(generated_slide((2000, 2000), seed=2), folder / "warmup.svs")
     patch([SlideSource(folder / "bench.svs"), SlideSource(folder / "warmup.svs")], PatchParams(magnification_x=20),
           out=workspace)

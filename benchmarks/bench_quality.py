@@ -153,7 +153,7 @@ def real_cohort(features: Path, labels: Path) -> tuple[list[tuple[str, Any, Any,
     One bag per slide; the benchmark's patient is the slide (case ids are ignored here).
     """
     from wsi_pipeline.stages.train.labels import read_labels
-    from wsi_pipeline.workspace.feature_store import read_bag
+    from wsi_pipeline.workspace.peer_features import read_bag
 
     rows = read_labels(labels)
     classes = sorted({label for _, label, _ in rows})

@@ -96,3 +96,24 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+SHALLOW_DEPTH = 1  # reduced encoder copies: one transformer block, every width and token count as published
+
+
+@pytest.fixture
+def shallow(monkeypatch: pytest.MonkeyPatch):
+    """Registers a reduced-depth copy of a registered encoder (the timm `depth` option; all else as on its card),
+    so official-layout files load and run in a second instead of building a 0.3-1.1 B-parameter ViT."""
+    from dataclasses import replace
+    from functools import partial
+
+    from wsi_pipeline.models.encoders import zoo
+
+    def use(name: str):
+        spec = zoo.get_spec(name)
+        if spec.card is not None and spec.card.arch.startswith("vit"):
+            monkeypatch.setitem(zoo._REGISTRY, name, replace(spec, builder=partial(spec.builder, depth=SHALLOW_DEPTH)))
+        return zoo.get_spec(name)
+
+    return use

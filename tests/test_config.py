@@ -172,7 +172,7 @@ def test_missing_labels_file(project):
 
 
 def test_missing_features_folder(project):
-    with pytest.raises(ConfigError, match=r"feats: no h5_files/ folder here; data.features must be a feature-set"):
+    with pytest.raises(ConfigError, match=r"feats: no h5_files/ folder and no .h5 files here; data.features must"):
         check(write_cfg(project, {"data.features": "feats"}))
     with pytest.raises(ConfigError, match=r"h5_files: no h5_files/ folder here.*\(point data.features at its parent\)"):
         check(write_cfg(project, {"data.features": "features/h5_files"}))

@@ -77,9 +77,10 @@ def test_weights_found_in_their_caches_without_network(monkeypatch, tmp_path):
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("WSIP_WEIGHTS", str(tmp_path / "weights"))
     found = by_name(environment_report())
     assert found["resnet18"].status == found["vit_s16_ssl"].status == INFO
-    assert "not cached" in found["resnet18"].value
+    assert "not on this machine" in found["resnet18"].value
     snapshot = tmp_path / "hf" / "models--timm--resnet18.tv_in1k" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     (snapshot / "model.safetensors").write_bytes(b"x")
@@ -90,8 +91,15 @@ def test_weights_found_in_their_caches_without_network(monkeypatch, tmp_path):
     lunit.write_bytes(b"x")
     assert lunit.is_relative_to(tmp_path / "torch" / "hub" / "checkpoints")
     found = by_name(environment_report())
-    assert found["resnet18"].value == f"cached: {snapshot / 'model.safetensors'}"
-    assert found["vit_s16_ssl"].value == f"cached: {lunit}"
+    assert found["resnet18"].value == f"hub cache: {snapshot / 'model.safetensors'}"
+    assert found["vit_s16_ssl"].value == f"torch hub cache: {lunit}"
+    assert "weights" in found["uni"].value and "uni.safetensors|.bin|.pth" in found["uni"].value
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "uni.bin").write_bytes(b"x")  # the weights folder wins over any cache
+    (tmp_path / "weights" / "resnet18.pth").write_bytes(b"x")
+    found = by_name(environment_report())
+    assert found["uni"].value == f"$WSIP_WEIGHTS: {tmp_path / 'weights' / 'uni.bin'}"
+    assert found["resnet18"].value == f"$WSIP_WEIGHTS: {tmp_path / 'weights' / 'resnet18.pth'}"
 
 
 TORCH_HUB_PROBE = """

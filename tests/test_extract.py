@@ -17,7 +17,7 @@ import torch
 from wsi_pipeline.errors import UserError
 from wsi_pipeline.models.encoders import create_encoder
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.stages.extract import ExtractParams, extract, resize_patch
+from wsi_pipeline.stages.extract import ExtractParams, extract
 from wsi_pipeline.stages.inputs import SlideSource
 from wsi_pipeline.stages.patch import PatchParams, patch
 
@@ -53,10 +53,8 @@ def direct_features(slide_path, coords, attrs, encoder, rows):
     pre = encoder.preprocess
     with Slide(slide_path) as slide:
         patches = [
-            resize_patch(
-                slide.read_region(tuple(coords[i]), int(attrs["read_level"]), (int(attrs["read_size"]),) * 2),
-                pre.input_size,
-            )
+            pre.resize_crop(
+                slide.read_region(tuple(coords[i]), int(attrs["read_level"]), (int(attrs["read_size"]),) * 2))
             for i in rows
         ]
     batch = torch.from_numpy(np.stack(patches)).permute(0, 3, 1, 2)

@@ -79,8 +79,8 @@ def patch(
 
 @app.command()
 def extract(
-    encoder: Annotated[str, typer.Option("--encoder", help="resnet18 | vit_s16_ssl | timm:<name>.")] = "resnet18",
-    weights: Annotated[str, typer.Option("--weights", help="pretrained | random | PATH (state dict).")] = "pretrained",
+    encoder: Annotated[str, typer.Option("--encoder", help="See `wsip encoders`, or timm:<name>.")] = "resnet18",
+    weights: Annotated[str, typer.Option("--weights", help="pretrained | random | PATH.")] = "pretrained",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Patches per forward pass.")] = 32,
     workers: Annotated[int, typer.Option("--workers", help="Patch-reading processes (0: main process).")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:i.")] = "auto",
@@ -268,7 +268,7 @@ def report(
     out_console.print(escape(str(result.path)), highlight=False, soft_wrap=True)
 
 
-export_app = typer.Typer(no_args_is_help=True, help="Results for other tools: QuPath GeoJSON.")
+export_app = typer.Typer(no_args_is_help=True, help="Results for other tools: QuPath GeoJSON, STAMP features.")
 app.add_typer(export_app, name="export")
 
 
@@ -290,6 +290,21 @@ def export_geojson(
     with user_errors():
         result = export(GeoJSONParams(run=run, patches=patches), out=out)
     report_written("GeoJSON", result.written, result.failed, result.out_dir)
+
+
+@export_app.command("stamp")
+def export_stamp(
+    out: OutOpt = None,
+    patches: Annotated[str | None, typer.Option("--patches", help="Patch config (when there are several).")] = None,
+    features: Annotated[str | None, typer.Option("--features", help="Feature set, e.g. uni (when several).")] = None,
+) -> None:
+    """A feature set in STAMP's layout (feats, coords in µm, tile_size_um) → features/<config>/<set>/stamp/."""
+    from wsi_pipeline.stages.export_features import ExportFeaturesParams, export_features
+
+    with user_errors():
+        result = export_features(ExportFeaturesParams("stamp", patches=patches, features=features), out=out)
+    console.print(f"{len(result.written)} STAMP feature files →", highlight=False)
+    out_console.print(str(result.out_dir), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -357,6 +372,17 @@ def status(out: OutOpt = None) -> None:
         table.add_row(escape(run.name), f"{run.finished_folds} folds", "", "",
                       "summary.csv" if run.summarized else "in progress")
     out_console.print(table)
+
+
+@app.command()
+def encoders(
+    name: Annotated[str | None, typer.Argument(help="An encoder: its full card and how to get its weights.")] = None,
+) -> None:
+    """Registered patch encoders: dim, parameters, input, magnification, licence, weights on this machine."""
+    from wsi_pipeline.cli_encoders import card_table, encoders_table
+
+    with user_errors():
+        out_console.print(card_table(name) if name else encoders_table())
 
 
 @app.command()

@@ -2,7 +2,7 @@
 
 Torch-free and network-free, so it answers in well under a second: versions come from package metadata (and
 torch's CUDA build from its `version.py`, read as text), GPUs from `nvidia-smi`, each device's scan backend
-from the rule `scan.py` itself follows (`models/ssm/backend.py`), weights from their caches.
+from the rule `scan.py` itself follows (`models/ssm/backend.py`), weights from the weights folder and caches.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from wsi_pipeline.errors import one_line
 from wsi_pipeline.models import pretrained
+from wsi_pipeline.models.encoder_cards import CARDS
 from wsi_pipeline.models.ssm import backend
 
 OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
@@ -156,15 +157,17 @@ def _backend_finding(op: str, device: str, choice: str, dist: str, installed: bo
 
 
 def weights() -> list[Finding]:
-    """The two caches and, for each registered encoder, whether its pretrained weights are already there."""
+    """The weights folder, the two caches and, for each registered encoder, whether its weights are on this
+    machine and where (the order `wsip extract` looks in: docs/encoders.md, "Weights")."""
     try:
-        found = [Finding("weights", "Hugging Face hub cache", str(pretrained.hf_hub_cache())),
+        found = [Finding("weights", f"weights folder (${pretrained.WEIGHTS_ENV})", str(pretrained.weights_dir())),
+                 Finding("weights", "Hugging Face hub cache", str(pretrained.hf_hub_cache())),
                  Finding("weights", "torch hub checkpoints", str(pretrained.torch_hub_dir() / "checkpoints"))]
-        for name, source in pretrained.PRETRAINED_SOURCES.items():
-            path = pretrained.cached_weights(source)
-            found.append(Finding("weights", name, f"cached: {path}") if path else Finding(
-                "weights", name, f"not cached: downloaded from {source} on first use (offline: --weights PATH)",
-                INFO))
+        for name, card in CARDS.items():
+            local = pretrained.local_weights(card)
+            found.append(Finding("weights", name, f"{local[1]}: {local[0]}") if local else Finding(
+                "weights", name, f"not on this machine: downloaded from {card.source} on first use "
+                f"(offline: copy it to {pretrained.weights_dir() / name}.safetensors|.bin|.pth)", INFO))
     except ImportError as exc:  # huggingface_hub comes with timm
         return [Finding("weights", "caches", f"cannot look ({one_line(exc)}); reinstall timm", FAIL)]
     return found

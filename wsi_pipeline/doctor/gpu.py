@@ -184,7 +184,7 @@ def extraction_check(device: torch.device) -> Finding:
     from wsi_pipeline.stages.inputs import SlideSource
     from wsi_pipeline.stages.patch import patch
     from wsi_pipeline.testing.synthetic import he_tissue
-    from wsi_pipeline.workspace.feature_store import read_bag
+    from wsi_pipeline.workspace.peer_features import read_bag
 
     with tempfile.TemporaryDirectory(prefix="wsip-doctor-") as tmp:
         image, _ = he_tissue((1024, 1536), seed=0)

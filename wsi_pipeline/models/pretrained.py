@@ -1,9 +1,10 @@
-"""Where the registered encoders' pretrained weights come from and where they sit on disk once downloaded.
+"""Where an encoder's weights are on this machine, without torch and without the network.
 
-Torch-free (the encoder package imports torch), so `wsip doctor` can tell whether they are present without
-importing torch or touching the network. Hugging Face sources (`hf-hub:<repo id>`) live in the hub cache
-(`$HF_HUB_CACHE`, default `~/.cache/huggingface/hub`); URL sources in torch.hub's checkpoint folder
-(`<TORCH_HOME>/hub/checkpoints/<file name>`, the file `torch.hub.load_state_dict_from_url` would use).
+Resolution order (docs/encoders.md, "Weights"): ``--weights PATH`` > the per-user weights folder ``$WSIP_WEIGHTS``
+(default ``~/.cache/wsip/weights``) holding ``<encoder>.safetensors|.bin|.pth`` > the cache of the encoder's
+source (Hugging Face sources, ``hf-hub:<repo id>``, in the hub cache ``$HF_HUB_CACHE``; URL sources in torch.hub's
+checkpoint folder, ``<TORCH_HOME>/hub/checkpoints/<file name>``) > a download. Torch-free, so `wsip encoders` and
+`wsip doctor` can say where weights are without importing torch.
 """
 
 from __future__ import annotations
@@ -13,16 +14,26 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-LUNIT_VIT_S16_URL = (
-    "https://github.com/lunit-io/benchmark-ssl-pathology/releases/download/pretrained-weights/"
-    "dino_vit_small_patch16_ep200.torch"
-)
-# registered encoder -> its pretrained weights ("hf-hub:<repo id>" or a URL); zoo.py builds its specs from these
-PRETRAINED_SOURCES = {
-    "resnet18": "hf-hub:timm/resnet18.tv_in1k",  # torchvision's ImageNet weights, as timm hosts them
-    "vit_s16_ssl": LUNIT_VIT_S16_URL,
-}
+from wsi_pipeline.models.encoder_cards import LUNIT_VIT_S16_URL, EncoderCard
+
+__all__ = ["HF_FILENAMES", "LUNIT_VIT_S16_URL", "WEIGHTS_ENV", "WEIGHT_SUFFIXES", "cached_weights", "folder_weights",
+           "hub_filenames",
+           "hf_cached_file", "hf_hub_cache", "local_weights", "torch_hub_dir", "url_cache_path", "weights_dir"]
+
 HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+WEIGHTS_ENV = "WSIP_WEIGHTS"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
+
+
+def weights_dir() -> Path:
+    """The per-user weights folder: copy it to an offline cluster and point ``$WSIP_WEIGHTS`` at it."""
+    return Path(os.environ.get(WEIGHTS_ENV) or "~/.cache/wsip/weights").expanduser()
+
+
+def folder_weights(name: str) -> Path | None:
+    """``<weights folder>/<name>.safetensors|.bin|.pth``, the first that exists."""
+    folder = weights_dir()
+    return next((folder / f"{name}{s}" for s in WEIGHT_SUFFIXES if (folder / f"{name}{s}").is_file()), None)
 
 
 def hf_hub_cache() -> Path:
@@ -46,7 +57,7 @@ def url_cache_path(url: str) -> Path:
     return torch_hub_dir() / "checkpoints" / Path(urlparse(url).path).name
 
 
-def hf_cached_file(repo_id: str) -> Path | None:
+def hf_cached_file(repo_id: str, filenames: tuple[str, ...] = HF_FILENAMES) -> Path | None:
     """The hub repo's weights file already in the local cache (its `main` revision), or None; no network.
 
     Reads the cache's documented layout, `models--<org>--<name>/refs/main` → `snapshots/<commit>/<file>`, as
@@ -57,12 +68,31 @@ def hf_cached_file(repo_id: str) -> Path | None:
     if not ref.is_file():
         return None
     snapshot = repo / "snapshots" / ref.read_text().strip()
-    return next((snapshot / name for name in HF_FILENAMES if (snapshot / name).is_file()), None)
+    return next((snapshot / name for name in filenames if (snapshot / name).is_file()), None)
 
 
-def cached_weights(source: str) -> Path | None:
-    """The local file of a weights source when it is already cached, else None; never downloads."""
-    if source.startswith("hf-hub:"):
-        return hf_cached_file(source.removeprefix("hf-hub:"))
-    path = url_cache_path(source)
+def hub_filenames(card: EncoderCard) -> tuple[str, ...]:
+    """The card's own file first, then the generic names timm/transformers use."""
+    return tuple(dict.fromkeys([*([card.filename] if card.filename else []), *HF_FILENAMES]))
+
+
+def cached_weights(card: EncoderCard) -> Path | None:
+    """The card's weights in its source's cache, else None; never downloads."""
+    if card.source is None:
+        return None
+    if card.source.startswith("hf-hub:"):
+        return hf_cached_file(card.source.removeprefix("hf-hub:"), hub_filenames(card))
+    path = url_cache_path(card.source)
     return path if path.is_file() else None
+
+
+def local_weights(card: EncoderCard) -> tuple[Path, str] | None:
+    """(file, where) of the weights this machine already has for ``card``: the weights folder first, then the
+    source's cache; None when only a download would get them."""
+    path = folder_weights(card.name)
+    if path is not None:
+        return path, f"${WEIGHTS_ENV}" if os.environ.get(WEIGHTS_ENV) else "weights folder"
+    path = cached_weights(card)
+    if path is not None:
+        return path, "hub cache" if card.source and card.source.startswith("hf-hub:") else "torch hub cache"
+    return None

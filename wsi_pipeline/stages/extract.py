@@ -14,12 +14,12 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from wsi_pipeline.device import resolve_device
 from wsi_pipeline.digests import code_digest, params_hash
 from wsi_pipeline.errors import InputError, UserError
-from wsi_pipeline.models.encoders import Encoder, create_encoder, get_spec
+from wsi_pipeline.models.encoders import Encoder, Preprocess, create_encoder, get_spec
 from wsi_pipeline.slide import Slide
 from wsi_pipeline.stages import runner
 from wsi_pipeline.stages.runner import SlideOutcome
@@ -81,11 +81,12 @@ class SlideJob:
 
 
 class PatchDataset(Dataset):
-    """Patches of one slide as uint8 (3, S, S) tensors; each worker opens its own slide handle."""
+    """Patches of one slide as uint8 (3, S, S) tensors, resized/cropped as the encoder's preprocessing says;
+    each worker opens its own slide handle."""
 
-    def __init__(self, slide_path: Path, coords: np.ndarray, level: int, read_size: int, input_size: int):
+    def __init__(self, slide_path: Path, coords: np.ndarray, level: int, read_size: int, pre: Preprocess):
         self.slide_path, self.coords, self.level = slide_path, coords, level
-        self.read_size, self.input_size = read_size, input_size
+        self.read_size, self.pre = read_size, pre
         self._slide: Slide | None = None
 
     def __len__(self) -> int:
@@ -96,14 +97,7 @@ class PatchDataset(Dataset):
             self._slide = Slide(self.slide_path)
         x, y = self.coords[index]
         rgb = self._slide.read_region((int(x), int(y)), self.level, (self.read_size, self.read_size))
-        return index, torch.from_numpy(resize_patch(rgb, self.input_size)).permute(2, 0, 1)
-
-
-def resize_patch(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Area interpolation to the encoder's input (the anti-aliased choice for downsampling)."""
-    if rgb.shape[0] == size and rgb.shape[1] == size:
-        return np.ascontiguousarray(rgb)
-    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+        return index, torch.from_numpy(self.pre.resize_crop(rgb)).permute(2, 0, 1)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -148,12 +142,13 @@ def extract_slide(job: SlideJob, *, encoder: Encoder, params: ExtractParams, fea
     store = PartialFeatures(partial_path, len(coords), encoder.dim, params.chunk_rows, key)
     todo = [c for c in range(store.n_chunks) if c not in store.done_chunks()]
     start, n_new = time.perf_counter(), sum(len(store.chunk_rows_range(c)) for c in todo)
-    dataset = PatchDataset(job.path, coords, int(cattrs["read_level"]), int(cattrs["read_size"]), pre.input_size)
+    dataset = PatchDataset(job.path, coords, int(cattrs["read_level"]), int(cattrs["read_size"]), pre)
     _encode_chunks(dataset, store, todo, encoder, params,
                    lambda done: on_patches and on_patches(job.slide_id, done, n_new))
     seconds = time.perf_counter() - start
     attrs = {**cattrs, "coords_cache_key": cattrs.get("cache_key"), "encoder": params.encoder,
-             "weights_sha256": encoder.weights_sha256, "input_size": pre.input_size, "mean": list(pre.mean),
+             "weights_sha256": encoder.weights_sha256, "input_size": pre.input_size,
+             "resize_size": pre.resize_size or pre.input_size, "feature": encoder.spec.features, "mean": list(pre.mean),
              "std": list(pre.std), "cache_key": key,
              "precision": precision_name(params.precision, encoder.device)}
     write_features(h5_path, pt_path, store.read_all(), coords, attrs)
@@ -177,7 +172,13 @@ def _output_paths(slide_id: str, params: ExtractParams, feature_set: FeatureSet)
 
 def _encode_chunks(dataset: PatchDataset, store: PartialFeatures, chunks: Sequence[int], encoder: Encoder,
                    params: ExtractParams, report: Callable[[int], Any]) -> None:
-    """Run the loader over the pending chunks' rows; write each chunk as soon as its rows are all in."""
+    """Run the loader over the pending chunks' rows; write each chunk as soon as its rows are all in.
+
+    The forward pass never waits on output: a batch's features come back to the host one batch later (on CUDA
+    an asynchronous copy into pinned memory, so the GPU is already busy with the next batch), and chunk writes
+    run on a writer thread. Reading and resizing run in the loader's workers (docs/encoders.md, "Memory and
+    speed").
+    """
     rows = [i for c in chunks for i in store.chunk_rows_range(c)]
     if not rows:
         return
@@ -185,21 +186,57 @@ def _encode_chunks(dataset: PatchDataset, store: PartialFeatures, chunks: Sequen
     loader = DataLoader(dataset, batch_size=params.batch_size, sampler=rows, num_workers=params.workers,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if params.workers else None)
     dtype = autocast_dtype(params.precision, device)
-    pending: dict[int, dict[int, np.ndarray]] = {c: {} for c in chunks}
+    collect = _ChunkCollector(store, chunks)
+    lagged: tuple[torch.Tensor, torch.Tensor, Any] | None = None
     done = 0
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast, ThreadPoolExecutor(max_workers=1) as writer:
         for index, batch in loader:
             x = encoder.preprocess.normalize(batch.to(device, non_blocking=True))
-            feats = encoder(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
-            for i, f in zip(index.tolist(), feats, strict=True):
-                chunk = i // store.chunk_rows
-                pending[chunk][i] = f
-                if len(pending[chunk]) == len(store.chunk_rows_range(chunk)):
-                    block = pending.pop(chunk)
-                    store.write_chunk(chunk, np.stack([block[r] for r in store.chunk_rows_range(chunk)]))
+            feats = encoder(x.contiguous(memory_format=torch.channels_last)).float()
+            if lagged is not None:
+                collect(*lagged, writer)
+            lagged = (index, *_to_host(feats))
             done += len(index)
             report(done)
+        if lagged is not None:
+            collect(*lagged, writer)
+        collect.finish()
+
+
+def _to_host(feats: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start the copy of a batch's features to the host; the event (CUDA) says when it has landed."""
+    if feats.device.type != "cuda":
+        return feats, None
+    host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+    host.copy_(feats, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+class _ChunkCollector:
+    """Rows in, whole chunks out to the writer thread; `finish` waits for the writes and re-raises their errors."""
+
+    def __init__(self, store: PartialFeatures, chunks: Sequence[int]):
+        self.store, self.pending = store, {c: {} for c in chunks}
+        self.writes: list[Future] = []
+
+    def __call__(self, index: torch.Tensor, host: torch.Tensor, event: Any, writer: ThreadPoolExecutor) -> None:
+        if event is not None:
+            event.synchronize()
+        store = self.store
+        for i, f in zip(index.tolist(), host.numpy(), strict=True):
+            chunk = i // store.chunk_rows
+            self.pending[chunk][i] = f
+            if len(self.pending[chunk]) == len(store.chunk_rows_range(chunk)):
+                block = self.pending.pop(chunk)
+                rows = np.stack([block[r] for r in store.chunk_rows_range(chunk)])
+                self.writes.append(writer.submit(store.write_chunk, chunk, rows))
+
+    def finish(self) -> None:
+        for write in self.writes:
+            write.result()
 
 
 def _cache_key(encoder: Encoder, params: ExtractParams, coords_attrs: dict[str, Any]) -> str:
@@ -207,6 +244,7 @@ def _cache_key(encoder: Encoder, params: ExtractParams, coords_attrs: dict[str, 
     pre = encoder.preprocess
     return params_hash({"coords": coords_attrs.get("cache_key"), "slide": coords_attrs.get("slide_fingerprint"),
                         "encoder": params.encoder, "weights": encoder.weights_sha256, "size": pre.input_size,
+                        "resize": pre.resize_size,
                         "mean": pre.mean, "std": pre.std, "precision": precision_name(params.precision, encoder.device),
                         "code": _CODE})
 

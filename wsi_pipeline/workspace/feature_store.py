@@ -19,7 +19,6 @@ import numpy as np
 
 from wsi_pipeline import faults
 from wsi_pipeline.workspace.files import save_torch_atomic, write_h5_atomic, write_text_atomic
-from wsi_pipeline.workspace.h5_limits import check_declared_size
 from wsi_pipeline.workspace.layout import pt_key
 
 
@@ -111,14 +110,6 @@ def features_are_current(h5_path: Path | None, pt_path: Path | None, key: str) -
             return f.attrs.get("cache_key") == key
     except (OSError, KeyError):
         return False
-
-
-def read_bag(h5_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, D) float32, coords (N, 2) int64) from a CLAM-style features h5."""
-    with h5py.File(h5_path, "r") as f:
-        for name in ("features", "coords"):
-            check_declared_size(f[name], h5_path)
-        return f["features"][:].astype(np.float32), f["coords"][:].astype(np.int64)
 
 
 def feature_attrs(h5_path: Path) -> dict[str, Any]:

@@ -150,6 +150,10 @@ class FeatureSet(StageOutputs):
     def output_dirs(self) -> tuple[Path, ...]:
         return self.h5_dir, self.pt_dir, self.dir
 
+    def export_dir(self, tool: str) -> Path:
+        """The same features in another tool's layout (`wsip export stamp`): `<feature set>/<tool>/`."""
+        return self.dir / tool
+
 
 @dataclass(frozen=True)
 class FoldDir:
@@ -348,6 +352,10 @@ class Layout:
     def feature_set(self, patch_config: str, name: str) -> FeatureSet:
         return FeatureSet(self._inside("features", check_name(patch_config, "patch config"),
                                        check_name(name, "feature set")))
+
+    def features_dir(self, patch_config: str) -> Path:
+        """`features/<patch config>/`: the feature sets made from one patching."""
+        return self._inside("features", check_name(patch_config, "patch config"))
 
     def feature_sets(self) -> list[FeatureSet]:
         return [FeatureSet(p.parent) for p in sorted((self.root / "features").glob(f"*/*/{MANIFEST}"))]

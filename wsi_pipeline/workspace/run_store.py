@@ -261,3 +261,15 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def recorded_youden(run: RunDir) -> float:
+    """The run's Youden threshold, or a UserError saying why there is none."""
+    try:
+        youden = json.loads(run.evaluation.read_text())["youden"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        raise UserError(f"{run.evaluation}: no recorded Youden threshold (a run trained by an older wsip); run "
+                        "`wsip train` on its config again to record it, or pass --threshold NUMBER") from None
+    if youden.get("threshold") is None:
+        raise UserError(f"{run.evaluation}: no Youden threshold: {youden.get('reason')}; pass --threshold NUMBER")
+    return float(youden["threshold"])

@@ -6,25 +6,32 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import cv2
+import numpy as np
 import torch
 from torch import nn
 
-Triple = tuple[float, float, float]
-
-IMAGENET_MEAN: Triple = (0.485, 0.456, 0.406)
-IMAGENET_STD: Triple = (0.229, 0.224, 0.225)
-LUNIT_MEAN: Triple = (0.70322989, 0.53606487, 0.66096631)
-LUNIT_STD: Triple = (0.21716536, 0.26081574, 0.20723464)
+from wsi_pipeline.models.encoder_cards import IMAGENET_MEAN, IMAGENET_STD, EncoderCard, Triple
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """What the extract stage must do to patches before ``Encoder.forward``: resize to ``input_size``
-    (square), scale to [0, 1], normalise with ``mean``/``std``."""
+    """What the extract stage must do to patches before ``Encoder.forward``: resize to ``resize_size``, centre-crop
+    ``input_size`` (square), scale to [0, 1], normalise with ``mean``/``std``."""
 
     input_size: int
     mean: Triple
     std: Triple
+    resize_size: int | None = None  # None: resize straight to input_size
+
+    def resize_crop(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 → (S, S, 3): area interpolation (the anti-aliased choice for downsampling) to
+        ``resize_size``, then the centre ``input_size`` crop, as the official transforms Resize + CenterCrop."""
+        size = self.resize_size or self.input_size
+        if rgb.shape[:2] != (size, size):
+            rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+        top = (size - self.input_size) // 2
+        return np.ascontiguousarray(rgb[top:top + self.input_size, top:top + self.input_size])
 
     def normalize(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 -> normalised float32, with the constants these weights were trained with."""
@@ -38,18 +45,29 @@ class EncoderSpec:
     """Everything needed to build an encoder and feed it; the weights themselves are fetched separately."""
 
     name: str
-    builder: Callable[[], nn.Module]  # builds the bare timm module (random init, no classifier)
+    builder: Callable[..., nn.Module]  # builds the module (random init, no classifier); kwargs override timm's
     weights_source: str | None  # "hf-hub:<repo id>" or an http(s) URL; None: no pretrained weights
     dim: int
-    features: str  # how the feature vector is taken, for the record: "avgpool", "cls", "timm-default"
+    features: str  # how the feature vector is formed: an `encoder_cards.FEATURES` key, or "timm-default"
     classifier_prefix: str  # classifier keys in checkpoints, dropped: the encoder has no classifier
     input_size: int = 224
     mean: Triple = IMAGENET_MEAN
     std: Triple = IMAGENET_STD
+    resize_size: int | None = None
+    prefix_tokens: int = 1  # CLS + registers: left out of the patch-token mean of "cls+mean"
+    layout: str = "timm"  # how weights files name their keys (`layouts.py`)
+    card: EncoderCard | None = None  # the documented facts of a registered encoder
 
     @property
     def preprocess(self) -> Preprocess:
-        return Preprocess(self.input_size, self.mean, self.std)
+        return Preprocess(self.input_size, self.mean, self.std, self.resize_size)
+
+    def pool(self, output: torch.Tensor) -> torch.Tensor:
+        """The module's output → the feature vector: (B, N, D) tokens become CLS ⊕ mean of the patch tokens
+        for "cls+mean" (Virchow2); every other encoder's module outputs its feature already."""
+        if self.features != "cls+mean":
+            return output
+        return torch.cat([output[:, 0], output[:, self.prefix_tokens:].mean(dim=1)], dim=-1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,6 +103,6 @@ class Encoder:
         elif not batch.is_floating_point():
             raise TypeError(f"expected a uint8 or float batch, got {batch.dtype}")
         with torch.inference_mode():
-            return self.module(batch)
+            return self.spec.pool(self.module(batch))
 
     __call__ = forward

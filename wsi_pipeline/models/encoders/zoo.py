@@ -1,58 +1,59 @@
-"""The encoder zoo: one `EncoderSpec` per registered name, and `timm:<name>` for anything timm can build.
+"""The encoder zoo: one `EncoderSpec` per registered card (`models/encoder_cards.py`), and `timm:<name>` for
+anything timm can build.
 
 timm is imported inside the builders only: importing it costs ~3.6 s.
 """
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import torch
 from torch import nn
 
 from wsi_pipeline.errors import UnknownNameError, one_line
-from wsi_pipeline.models.encoders.spec import LUNIT_MEAN, LUNIT_STD, EncoderSpec
-from wsi_pipeline.models.encoders.weights import EncoderError
-from wsi_pipeline.models.pretrained import PRETRAINED_SOURCES
+from wsi_pipeline.models.encoder_cards import CARDS, EncoderCard
+from wsi_pipeline.models.encoders.errors import EncoderError
+from wsi_pipeline.models.encoders.spec import EncoderSpec
 
 
-def _build_resnet18() -> nn.Module:
+def _layer(name: str) -> Any:
+    """Layer classes named in a card's constructor options: timm's layers first, then torch.nn."""
+    import timm.layers
+
+    return getattr(timm.layers, name, None) or getattr(nn, name)
+
+
+def build_card(card: EncoderCard, **overrides: Any) -> nn.Module:
+    """The card's module with random weights and no classifier. ``overrides`` replace constructor options
+    (the tests build reduced-depth copies this way to load official-layout files quickly)."""
     import timm
 
-    return timm.create_model("resnet18.tv_in1k", pretrained=False, num_classes=0)  # global average pool
+    kwargs = {k: _layer(v) if k in ("mlp_layer", "act_layer") else v for k, v in card.timm_kwargs.items()}
+    trunk = timm.create_model(card.arch, pretrained=False, num_classes=0, **{**kwargs, **overrides})
+    if card.module == "conch-v1.5":
+        from wsi_pipeline.models.encoders.towers import ConchVisionTower
+
+        return ConchVisionTower(trunk, dim=card.dim)
+    return trunk
 
 
-def _build_vit_s16() -> nn.Module:
-    """The architecture lunit trains: timm ``VisionTransformer(img_size=224, patch_size=16, embed_dim=384,
-    num_heads=6, num_classes=0)``, i.e. ``vit_small_patch16_224``; the feature is the final-norm CLS token."""
-    import timm
+def _spec(card: EncoderCard) -> EncoderSpec:
+    return EncoderSpec(
+        name=card.name, builder=partial(build_card, card), weights_source=card.source, dim=card.dim,
+        features=card.feature, classifier_prefix=card.classifier_prefix, input_size=card.input_size,
+        mean=card.mean, std=card.std, prefix_tokens=card.prefix_tokens,
+        resize_size=card.resize_size if card.resize_size != card.input_size else None,
+        layout=card.layout, card=card)
 
-    return timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, global_pool="token")
 
-
-_REGISTRY: dict[str, EncoderSpec] = {
-    "resnet18": EncoderSpec(
-        name="resnet18",
-        builder=_build_resnet18,
-        weights_source=PRETRAINED_SOURCES["resnet18"],
-        dim=512,
-        features="avgpool",
-        classifier_prefix="fc",
-    ),
-    "vit_s16_ssl": EncoderSpec(
-        name="vit_s16_ssl",
-        builder=_build_vit_s16,
-        weights_source=PRETRAINED_SOURCES["vit_s16_ssl"],
-        dim=384,
-        features="cls",
-        classifier_prefix="head",
-        mean=LUNIT_MEAN,
-        std=LUNIT_STD,
-    ),
-}
+_REGISTRY: dict[str, EncoderSpec] = {name: _spec(card) for name, card in CARDS.items()}
 
 
 def list_encoders() -> list[str]:
-    """Registered names; any ``timm:<model name>`` is accepted as well."""
-    return sorted(_REGISTRY)
+    """Registered names, in the documented order; any ``timm:<model name>`` is accepted as well."""
+    return list(_REGISTRY)
 
 
 def _timm_spec(name: str) -> EncoderSpec:
@@ -62,8 +63,8 @@ def _timm_spec(name: str) -> EncoderSpec:
 
     arch = name.removeprefix("timm:")
 
-    def build() -> nn.Module:
-        return timm.create_model(arch, pretrained=False, num_classes=0)
+    def build(**overrides: Any) -> nn.Module:
+        return timm.create_model(arch, pretrained=False, num_classes=0, **overrides)
 
     try:
         with torch.device("meta"):

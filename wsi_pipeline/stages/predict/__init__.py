@@ -41,9 +41,10 @@ from wsi_pipeline.stages.predict.heatmap import percentile_scores, render_heatma
 from wsi_pipeline.stages.predict.trained_run import find_run, load_fold_models, predict_bag, recorded_stage_params
 from wsi_pipeline.stages.runner import DONE, FAILED, FAILURES
 from wsi_pipeline.workspace.attention_store import write_attention
-from wsi_pipeline.workspace.feature_store import feature_attrs, read_bag
+from wsi_pipeline.workspace.feature_store import feature_attrs
 from wsi_pipeline.workspace.files import remove_stale_temps, storage_errors, write_json_if_changed
 from wsi_pipeline.workspace.layout import Layout, RunDir
+from wsi_pipeline.workspace.peer_features import read_bag
 from wsi_pipeline.workspace.run_store import parse_splits_csv
 from wsi_pipeline.workspace.slide_id import shown
 

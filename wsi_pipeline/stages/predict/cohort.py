@@ -19,10 +19,10 @@ from wsi_pipeline.errors import InputError, name_some
 from wsi_pipeline.evaluation import evaluate
 from wsi_pipeline.stages.cohort_table import cohort_csv, cohort_from_rows, columns, row
 from wsi_pipeline.stages.inputs import SlideSource
-from wsi_pipeline.stages.train.evaluation import recorded_youden
-from wsi_pipeline.stages.train.labels import read_labels
+from wsi_pipeline.stages.labels_csv import read_labels
 from wsi_pipeline.workspace.files import write_json_if_changed, write_text_if_changed
 from wsi_pipeline.workspace.layout import PredictionSet, RunDir
+from wsi_pipeline.workspace.run_store import recorded_youden
 
 Labels = dict[str, tuple[str, str]]  # slide_id -> (label, case_id)
 

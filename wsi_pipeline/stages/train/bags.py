@@ -22,8 +22,8 @@ import torch
 
 from wsi_pipeline.digests import file_fingerprint
 from wsi_pipeline.errors import ConfigError, UserError
-from wsi_pipeline.workspace.feature_store import read_bag
 from wsi_pipeline.workspace.files import atomic_write
+from wsi_pipeline.workspace.peer_features import read_bag
 
 GroupFn = Callable[[np.ndarray, np.ndarray], "list[np.ndarray] | None"]
 

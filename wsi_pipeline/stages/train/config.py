@@ -60,7 +60,8 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    features: ResolvedPath = Field(description="feature-set folder containing h5_files/<slide_id>.h5")
+    features: ResolvedPath = Field(description="feature folder: wsip/CLAM (h5_files/<slide_id>.h5), TRIDENT or STAMP "
+                                   "(<slide_id>.h5)")
     labels: ResolvedPath = Field(description="CSV with columns slide_id,label[,case_id]")
     classes: list[str] | None = Field(
         default=None, description="class order (index = model output); default: sorted unique labels"

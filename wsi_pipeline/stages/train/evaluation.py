@@ -11,14 +11,12 @@ so `wsip predict --threshold youden` decides new slides with a cut the test fold
 from __future__ import annotations
 
 import csv
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from wsi_pipeline.errors import UserError
 from wsi_pipeline.evaluation import evaluate, youden_threshold
 from wsi_pipeline.stages.cohort_table import PROB, cohort_csv, cohort_from_rows, columns, row
 from wsi_pipeline.stages.train.labels import LabelledSlides
@@ -69,15 +67,3 @@ def _pooled(paths: Sequence, classes: tuple[str, ...], case_of: dict[str, str]) 
                 labels[r["slide_id"]] = r["label"]
     return [row(sid, case_of.get(sid, sid), labels[sid], np.mean(p, axis=0).tolist(), classes, 0.5)
             for sid, p in probs.items()]
-
-
-def recorded_youden(run: RunDir) -> float:
-    """The run's Youden threshold, or a UserError saying why there is none."""
-    try:
-        youden = json.loads(run.evaluation.read_text())["youden"]
-    except (OSError, KeyError, json.JSONDecodeError):
-        raise UserError(f"{run.evaluation}: no recorded Youden threshold (a run trained by an older wsip); run "
-                        "`wsip train` on its config again to record it, or pass --threshold NUMBER") from None
-    if youden.get("threshold") is None:
-        raise UserError(f"{run.evaluation}: no Youden threshold: {youden.get('reason')}; pass --threshold NUMBER")
-    return float(youden["threshold"])

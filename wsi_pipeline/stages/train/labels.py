@@ -9,8 +9,6 @@ epoch 3 of fold 2.
 
 from __future__ import annotations
 
-import csv
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +17,13 @@ import h5py
 
 from wsi_pipeline.errors import ConfigError, name_some
 from wsi_pipeline.models.mil import create_model
+from wsi_pipeline.stages.labels_csv import read_labels
 from wsi_pipeline.stages.train.config import TrainConfig
 from wsi_pipeline.workspace.coords_store import coords_attrs
-from wsi_pipeline.workspace.csv_text import decoded_lines
 from wsi_pipeline.workspace.h5_limits import check_declared_size
-from wsi_pipeline.workspace.layout import H5_FOLDER, FeatureSet, feature_set_at
+from wsi_pipeline.workspace.layout import feature_set_at
 from wsi_pipeline.workspace.manifest import manifest_rows
-from wsi_pipeline.workspace.slide_id import check_slide_id
+from wsi_pipeline.workspace.peer_features import feature_folder, features_key
 
 
 @dataclass(frozen=True)
@@ -47,10 +45,10 @@ def load_labelled_slides(cfg: TrainConfig) -> LabelledSlides:
     """Everything `train` needs to know about the data, or a :class:`ConfigError`."""
     rows = read_labels(cfg.data.labels)
     classes = _class_order(rows, cfg.data.classes, labels_path=cfg.data.labels, source=cfg.source)
-    h5_dir = _h5_folder(cfg.data.features)
-    feature_set = FeatureSet(cfg.data.features)
+    folder = feature_folder(cfg.data.features)
+    h5_dir = folder.h5_dir
     slides = tuple(
-        SlideRecord(slide_id=sid, label=classes.index(label), case_id=case, h5_path=feature_set.h5(sid))
+        SlideRecord(slide_id=sid, label=classes.index(label), case_id=case, h5_path=folder.h5(sid))
         for sid, label, case in rows
     )
     _check_h5_present(slides, h5_dir=h5_dir, labels_path=cfg.data.labels)
@@ -59,49 +57,6 @@ def load_labelled_slides(cfg: TrainConfig) -> LabelledSlides:
     check_fresh(cfg.data.features, {sid: attrs for sid, (_, attrs) in headers.items()})
     check_model(cfg, in_dim=in_dim, n_classes=len(classes))
     return LabelledSlides(slides=slides, classes=tuple(classes), in_dim=in_dim)
-
-
-def read_labels(path: Path) -> list[tuple[str, str, str]]:
-    """(slide_id, label, case_id) per row, in file order; a blank or missing case_id is the slide id."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: labels CSV not found (fix data.labels; relative paths resolve from the YAML)")
-    rows, blank = [], []
-    reader = csv.DictReader(decoded_lines(path))
-    reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
-    missing = [c for c in ("slide_id", "label") if c not in reader.fieldnames]
-    if missing:
-        found = ", ".join(reader.fieldnames) or "no header"
-        raise ConfigError(
-            f"{path}: missing column(s) {', '.join(missing)} (need slide_id,label[,case_id]; found: {found})"
-        )
-    for r in reader:
-        sid, label, case = ((r.get(k) or "").strip() for k in ("slide_id", "label", "case_id"))
-        if sid or label:
-            if sid:
-                check_slide_id(sid, where=f"{path}:{reader.line_num}: ")
-            rows.append((sid, label, case or sid))
-            if not (sid and label):
-                blank.append(reader.line_num)
-    if not rows:
-        raise ConfigError(f"{path}: no slides listed (add rows slide_id,label[,case_id])")
-    if blank:
-        raise ConfigError(f"{path}: empty slide_id or label on line(s) {name_some(blank)} (fill them in or drop them)")
-    dupes = [sid for sid, n in Counter(sid for sid, _, _ in rows).items() if n > 1]
-    if dupes:
-        raise ConfigError(f"{path}: slide_id listed twice: {name_some(dupes)} (keep one row per slide)")
-    _check_label_spellings(rows, path)
-    return rows
-
-
-def _check_label_spellings(rows: Sequence[tuple[str, str, str]], path: Path) -> None:
-    """Labels that differ only in case (`tumor`/`Tumor`) would silently become two classes."""
-    spellings: dict[str, set[str]] = {}
-    for _, label, _ in rows:
-        spellings.setdefault(label.casefold(), set()).add(label)
-    clash = next((sorted(v) for v in spellings.values() if len(v) > 1), None)
-    if clash:
-        raise ConfigError(f"{path}: labels {' / '.join(map(repr, clash))} differ only in case; spell each class "
-                          "one way in the CSV")
 
 
 def check_model(cfg: TrainConfig, *, in_dim: int, n_classes: int) -> None:
@@ -138,17 +93,6 @@ def _class_order(
     return list(classes)
 
 
-def _h5_folder(features: Path) -> Path:
-    h5_dir = features / H5_FOLDER
-    if not h5_dir.is_dir():
-        hint = " (point data.features at its parent)" if features.name == H5_FOLDER else ""
-        raise ConfigError(
-            f"{features}: no {H5_FOLDER}/ folder here; data.features must be a feature-set folder "
-            f"written by `wsip extract`{hint}"
-        )
-    return h5_dir
-
-
 def _check_h5_present(slides: Sequence[SlideRecord], *, h5_dir: Path, labels_path: Path) -> None:
     missing = [s.slide_id for s in slides if not s.h5_path.is_file()]
     if missing:
@@ -178,11 +122,13 @@ def _h5_header(path: Path) -> tuple[int, dict]:
     """(feature dim, attrs) from an h5's header, checking its datasets' shapes."""
     try:
         with h5py.File(path, "r") as f:
-            if "features" not in f or "coords" not in f:
-                raise ConfigError(f"{path}: needs datasets 'features' and 'coords' (re-run `wsip extract`)")
-            for name in ("features", "coords"):
+            key = features_key(f)
+            if key is None or "coords" not in f:
+                raise ConfigError(f"{path}: needs datasets 'features' (or STAMP's 'feats') and 'coords' "
+                                  "(re-run `wsip extract`)")
+            for name in (key, "coords"):
                 check_declared_size(f[name], path)
-            features, coords, attrs = f["features"].shape, f["coords"].shape, dict(f.attrs)
+            features, coords, attrs = f[key].shape, f["coords"].shape, dict(f.attrs)
     except OSError as e:
         raise ConfigError(f"{path}: unreadable h5 ({e}); re-run `wsip extract` for this slide") from None
     if len(features) != 2 or features[0] == 0 or coords != (features[0], 2):

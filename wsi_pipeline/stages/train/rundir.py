@@ -26,6 +26,7 @@ from wsi_pipeline.stages.train.config import TrainConfig, config_from_dict, conf
 from wsi_pipeline.workspace.files import json_text, remove_stale_temps
 from wsi_pipeline.workspace.layout import Layout, RunDir, feature_set_at
 from wsi_pipeline.workspace.locks import OwnerLock
+from wsi_pipeline.workspace.peer_features import feature_folder
 from wsi_pipeline.workspace.run_store import (
     Splits,
     parse_splits_csv,
@@ -97,7 +98,8 @@ def features_record(cfg: TrainConfig) -> dict[str, Any]:
     weights sha256), so `wsip predict` can process a new slide the same way from the run alone."""
     parsed = feature_set_at(cfg.data.features)
     if parsed is None or not parsed[1].params.is_file():
-        return {"features": str(cfg.data.features), "made_by_wsip": False}
+        layout = feature_folder(cfg.data.features).describe()
+        return {"features": str(cfg.data.features), "made_by_wsip": False, "layout": layout}
     _, feature_set = parsed
     return {"features": str(cfg.data.features), "made_by_wsip": True, "feature_set": feature_set.name,
             **json.loads(feature_set.params.read_text())}

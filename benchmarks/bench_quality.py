@@ -291,8 +291,9 @@ def print_markdown(records: list[dict[str, Any]], tasks: list[str], specs: list[
             shown = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}"
                               for k, v in {**options, **optim}.items())
             label = labels.get(spec if preset is None else spec.replace(f":preset={preset}", ""), name)
-            print(f"| {label} | {f'`{shown}`' if shown else 'defaults'} | {fmt([r['auc'] for r in rows], 2)} | "
-                  f"{fmt([r['balanced_accuracy'] for r in rows], 2)} |")
+            aucs, bas = [r["auc"] for r in rows], [r["balanced_accuracy"] for r in rows]
+            cells = [f"{v[0]:.2f}" if len(v) == 1 else fmt(v, 2) for v in (aucs, bas)]  # one run: no spread
+            print(f"| {label} | {f'`{shown}`' if shown else 'defaults'} | {cells[0]} | {cells[1]} |")
 
 
 def with_preset(spec: str, preset: str | None) -> str:

@@ -49,7 +49,7 @@ def focal_cohort() -> list[tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
     from wsi_pipeline.stages.train.labels import read_labels
     from wsi_pipeline.workspace.feature_store import read_bag
 
-    features, labels = demo_features(48, tag="e", **FOCAL)
+    features, labels = demo_features(24, tag="e", **FOCAL)
     annotations = Path(labels).parent / "annotations"
     out = []
     for slide_id, label, _ in read_labels(Path(labels)):

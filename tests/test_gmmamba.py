@@ -43,7 +43,9 @@ def test_parameter_count_matches_the_reference() -> None:
     # the recommended preset (§14): 128-d after a Linear(512, 128) + GELU + Dropout projection
     recommended = create_model("gmmamba", in_dim=512, n_classes=2)
     assert recommended.proj[0].out_features == 128 and _count(recommended.proj) == 512 * 128 + 128
-    assert _count(recommended) == 500_612 + (128 * 128 + 128) + (128 + 1)  # + the CSS attention scorer
+    instance_path = 2 * (128 * 128 + 128) + (128 + 1) + (128 * 2 + 2)  # gated scorer + its head (§16)
+    # + the CSS attention scorer and the instance path
+    assert _count(recommended) == 500_612 + (128 * 128 + 128) + (128 + 1) + instance_path
     assert _count(model.imm) == imm
     assert _count(model.css) == css
     assert _count(model.aggregator) + _count(model.head) == cls_and_head

@@ -31,6 +31,10 @@ Architecture options and the quirks they keep (values of the released preset, re
 - Ablations (the paper's Table 4 and CSS table, docs/gmmamba.md §15): ``use_imm=False`` replaces IMM by BMP
   (residual BiMamba + max pooling per group); ``use_css=False`` feeds the group vectors to the class token
   without CSS; ``css_variant`` "cmax" / "q" / "cca" stop CSS after CMax, ×Q or CCA ("full": Eq 12).
+- ``instance_path=False`` (recommended: True): gated attention pooling of the projected instances straight to
+  logits (`pooling.InstancePath`), added to the class token's logits; the per-instance attention is then the mean
+  of both paths' weights. A lone positive patch reaches the output without first being pooled into a group vector
+  through two attention stages, which the group path does not learn on focal signals (docs/gmmamba.md §16).
 - ``batch_groups=True``: run IMM on all groups as one padded batch (`IMM.forward_batch`; the same outputs as
   the released per-group loop up to float rounding, ~1e-7, and 1.5–2× faster for small groups); False loops.
 
@@ -56,16 +60,16 @@ from wsi_pipeline.models.mil.registry import check_choice, register_model
 from wsi_pipeline.models.ssm.bimamba import BiMamba, xavier_reinit_
 
 MaskMode = Literal["scores", "scores_train", "random_train"]
-InstancePathMode = Literal["none", "sum", "token"]
 
 # What each preset sets; an option passed explicitly (not None) overrides it. The evidence for the
 # recommended values is in docs/gmmamba.md §14 and benchmarks/bench_quality.py.
 PRESETS: dict[str, dict[str, Any]] = {
     "released": {"d_model": 512, "mask_ratio": 0.2, "min_one_masked": True, "learnable_mask": False,
                  "mask_mode": "scores", "mamba_native_init": False, "css_association": "dot",
-                 "feature_dropout": 0.0, "instance_path": "none"},
+                 "feature_dropout": 0.0, "instance_path": False},
 }
-PRESETS["recommended"] = {**PRESETS["released"], "d_model": 128, "css_association": "attention"}
+PRESETS["recommended"] = {**PRESETS["released"], "d_model": 128, "css_association": "attention",
+                          "instance_path": True}
 
 
 def mask_count(m: int, mask_ratio: float, *, min_one_masked: bool = True) -> int:
@@ -246,7 +250,7 @@ class GMMamba(nn.Module):
         mask_ratio: float | None = None, min_one_masked: bool | None = None, learnable_mask: bool | None = None,
         mask_mode: MaskMode | None = None, mamba_native_init: bool | None = None,
         css_association: CssAssociation | None = None, feature_dropout: float | None = None,
-        instance_path: InstancePathMode | None = None, use_imm: bool = True, use_css: bool = True,
+        instance_path: bool | None = None, use_imm: bool = True, use_css: bool = True,
         css_variant: CssVariant = "full", cls_layers: int = 1,
         d_state: int = 16, d_conv: int = 4, expand: int = 2, batch_groups: bool = True,
     ) -> None:
@@ -274,8 +278,7 @@ class GMMamba(nn.Module):
         self.head = nn.Linear(d_model, n_classes)
         # a module only when asked: the released model's parameters and init RNG use stay as they were
         self.feature_dropout = nn.Dropout(opt["feature_dropout"]) if opt["feature_dropout"] > 0 else None
-        check_choice("instance_path", opt["instance_path"], InstancePathMode)
-        self.instance_path = InstancePath(d_model, n_classes) if opt["instance_path"] != "none" else None
+        self.instance_path = InstancePath(d_model, n_classes) if opt["instance_path"] else None
 
     def _init_imm(self, mamba_native_init: bool) -> None:
         """§7: the reference re-inits all of IMM (its unused ``_fc1``, our projection, included)."""
@@ -326,9 +329,6 @@ class GMMamba(nn.Module):
         attn = weights.new_zeros(features.shape[0]).index_copy(0, torch.cat(index), weights)
         if self.instance_path is None:
             return self.head(self.aggregator(sampled))[None], attn
-        if self.options["instance_path"] == "token":  # the pooled instances as one more token for the class token
-            bag, beta = attention_pool(x, self.instance_path.scorer(x))
-            return self.head(self.aggregator(torch.cat([sampled, bag[None]])))[None], (attn + beta) / 2
         instance_logits, beta = self.instance_path(x)
         return self.head(self.aggregator(sampled))[None] + instance_logits, (attn + beta) / 2
 

@@ -13,8 +13,8 @@ the other half:
 - **positives dropped**: the share of positive instances IMM's mask removes (GMMamba);
 - **gradient norm** per module, mean over the epoch's steps.
 
-Cohorts: (b) dispersed single instances from `synthetic_bags` (80 bags of 100-300), or (e) the focal slides of
-`bench_quality.py` (positive = a patch within the lesion's radius of its centre). Writes a JSON of the curves and
+Cohorts: (b) dispersed single instances from `synthetic_bags` (80 bags of 100-300), or (e) 24 focal slides of
+`bench_quality.py` (its `--focal-slides 24` cache; positive = a patch within the lesion's radius of its centre). Writes a JSON of the curves and
 a PNG figure per model:
 `python benchmarks/diagnose_mil.py --task b --model gmmamba --out docs/figures`.
 """

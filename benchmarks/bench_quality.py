@@ -6,7 +6,8 @@ background features. (d) slides through the real pipeline: `--slides N` procedur
 kind (`make_demo_cohort`: tumour slides carry three small lesions) go through `patch` -> `extract` (ResNet18,
 random weights: nothing can be downloaded here) once, cached under $WSIP_BENCH_CACHE; or
 `--features DIR --labels CSV` reads any `wsip extract` feature set (DIR/h5_files/<slide_id>.h5) and its labels
-(slide_id,label[,case_id]).
+(slide_id,label[,case_id]). (e) focal slides: the same generator with ONE small lesion per tumour slide
+(`FOCAL`, `--focal-slides N`, cached like (d)). (f) a small cohort: `--small-bags` (default 40) bags of task (a).
 
 Training is the product's own fold loop (`wsi_pipeline.stages.train.folds.run_fold`: AdamW, one bag per step,
 val F1+AUC selection, early stop, features z-scored with the fold's training bags as `data.standardize` does
@@ -24,7 +25,11 @@ values are parsed as YAML scalars; `lr` and `wd` set the optimiser instead of a 
 
 Run: `python benchmarks/bench_quality.py --task a --models gmmamba,abmil,mean --bags 200 --runs 3`
 (default: all tasks, every registered model). `--results FILE.jsonl` keeps one line per finished run and skips
-runs already there, so an interrupted benchmark resumes; `--jobs 2` trains two runs at once (one thread each).
+runs already there, so an interrupted benchmark resumes; `--resume FILE.csv` does the same with a CSV (one row
+per finished run, appended as it finishes). `--jobs 2` trains two runs at once (one thread each).
+
+After the table, every model is compared with `--reference` (default abmil) run by run on the same
+(seed, fold): the mean paired AUC difference and its 95% t-interval over the runs (`paired_table`).
 """
 
 from __future__ import annotations
@@ -60,6 +65,14 @@ ABLATIONS = {
     "CSS: CMHA×Q": "gmmamba:css_variant=cmha_q",
     "GMMamba (full CSS, Eq 12)": "gmmamba",
 }
+# Task (e): demo slides with ONE small lesion per tumour slide (~2-3% of its patches), through patch -> extract.
+FOCAL = {"size": (3584, 4608), "hotspots": 1, "hotspot_radius": 180}
+# Task (f): a small cohort (`--small-bags`, default 40) of task (a)'s generator.
+GENERATED_AS = {"f": "a"}
+EXTRA_TASKS = {"e": "focal slides: one small lesion per tumour slide, through patch -> extract",
+               "f": "small cohort of task (a): sparse spatial clusters"}
+CSV_FIELDS = ["key", "task", "spec", "seed", "fold", "auc", "balanced_accuracy", "seconds", "epochs_run",
+              "selected_epoch", "n_train", "n_val", "n_test", "train_loss", "val_auc"]
 
 
 @dataclass(frozen=True)
@@ -116,20 +129,23 @@ def cohort(job: Job) -> tuple[list[tuple[str, Any, Any, int]], int]:
         if job.task == "d":
             features, labels = (job.features, job.labels) if job.features else demo_features(job.slides)
             _COHORTS[key] = real_cohort(Path(features or ""), Path(labels or ""))
+        elif job.task == "e":
+            _COHORTS[key] = real_cohort(*(Path(p) for p in demo_features(job.slides, tag="e", **FOCAL)))
         else:
             from wsi_pipeline.testing.synthetic_bags import CohortParams, make_cohort
 
             params = CohortParams(min_instances=job.min_n, max_instances=job.max_n)
             if job.shift is not None:
                 params = replace(params, shift=job.shift)
-            bags = make_cohort(job.task, job.bags, seed=job.data_seed, params=params)
+            bags = make_cohort(GENERATED_AS.get(job.task, job.task), job.bags, seed=job.data_seed, params=params)
             _COHORTS[key] = ([(b.bag_id, b.features, b.coords, b.label) for b in bags], params.dim)
     return _COHORTS[key]
 
 
-def demo_features(n_slides: int) -> tuple[str, str]:
-    """Task (d)'s default cohort: `n_slides` demo slides, patched and extracted once (cached); returns the
-    feature-set folder and labels CSV."""
+def demo_features(n_slides: int, *, tag: str = "d", size: tuple[int, int] = (2560, 3584), hotspots: int = 3,
+                  hotspot_radius: int = 220) -> tuple[str, str]:
+    """Task (d)'s default cohort (task (e)'s with FOCAL): `n_slides` demo slides, patched and extracted once
+    (cached); returns the feature-set folder and labels CSV."""
     from common import CACHE
 
     from wsi_pipeline.stages.extract import ExtractParams, extract
@@ -137,10 +153,11 @@ def demo_features(n_slides: int) -> tuple[str, str]:
     from wsi_pipeline.stages.patch import patch
     from wsi_pipeline.testing.synthetic import make_demo_cohort
 
-    root = CACHE / f"quality_d_{n_slides}"
+    root = CACHE / f"quality_{tag}_{n_slides}"
     done = root / "features.done"
     if not done.is_file():
-        make_demo_cohort(root / "slides", n_slides=n_slides, size=(2560, 3584), hotspots=3, hotspot_radius=220)
+        make_demo_cohort(root / "slides", n_slides=n_slides, size=size, hotspots=hotspots,
+                         hotspot_radius=hotspot_radius)
         patch(resolve_inputs([root / "slides"]), out=root / "ws", workers=2)
         result = extract(ExtractParams(weights="random", formats=("h5",)), out=root / "ws")
         done.write_text(str(result.out_dir))
@@ -256,7 +273,7 @@ def print_table(records: list[dict[str, Any]], tasks: list[str], specs: list[str
 
     print(header)
     for task in tasks:
-        print(f"  task {task}: {TASKS.get(task, 'real slides (features + labels)')}")
+        print(f"  task {task}: {({**TASKS, **EXTRA_TASKS}).get(task, 'real slides (features + labels)')}")
     width = max(12, *(len(s) for s in specs))
     print(f"{'task':4s}  {'model':{width}s}  {'test AUC':>15s}  {'bal. accuracy':>15s}  {'s/run':>7s}  runs  "
           f"{'ep':>4s}  train loss (first -> last epoch, mean)")
@@ -303,6 +320,61 @@ def with_preset(spec: str, preset: str | None) -> str:
     return f"{spec}:preset={preset}"
 
 
+def paired_table(records: list[dict[str, Any]], tasks: list[str], specs: list[str], reference: str) -> None:
+    """Each model's test AUC minus the reference's on the same (seed, fold): mean, std and the 95% t-interval
+    of the paired differences (a run's split and seed are shared, so the split's difficulty cancels)."""
+    from scipy import stats
+
+    print(f"paired AUC difference to {reference} (same seed and fold): mean [95% CI], runs")
+    for task in tasks:
+        ref = {(r["seed"], r["fold"]): r["auc"] for r in records if r["task"] == task and r["spec"] == reference}
+        for spec in specs:
+            if spec == reference:
+                continue
+            diffs = [r["auc"] - ref[(r["seed"], r["fold"])] for r in records
+                     if r["task"] == task and r["spec"] == spec and (r["seed"], r["fold"]) in ref]
+            if not diffs:
+                continue
+            mean = float(np.mean(diffs))
+            half = float(stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) / math.sqrt(len(diffs))) \
+                if len(diffs) > 1 else float("nan")
+            verdict = "within 0.03" if mean + half >= -0.03 else "below"
+            print(f"{task:4s}  {spec:28s}  {mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]  "
+                  f"sd {np.std(diffs, ddof=1) if len(diffs) > 1 else 0:.3f}  {len(diffs):2d}  {verdict}")
+
+
+def load_csv(path: Path) -> dict[str, dict[str, Any]]:
+    """Finished runs of a `--resume` CSV by key (list columns are JSON)."""
+    import csv
+
+    if not path.is_file():
+        return {}
+    out = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            record: dict[str, Any] = {**json.loads(row["key"]), **row}
+            for name in ("auc", "balanced_accuracy", "seconds"):
+                record[name] = float(row[name])
+            for name in ("epochs_run", "selected_epoch", "n_train", "n_val", "n_test"):
+                record[name] = int(row[name])
+            record["train_loss"], record["val_auc"] = json.loads(row["train_loss"]), json.loads(row["val_auc"])
+            out[row["key"]] = record
+    return out
+
+
+def append_csv(path: Path, record: dict[str, Any]) -> None:
+    """One finished run appended as one CSV row (header written with the first)."""
+    import csv
+
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: json.dumps(record[k]) if k in ("train_loss", "val_auc") else record[k]
+                         for k in CSV_FIELDS})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default=DEFAULT_TASKS, help="comma-separated: a,b,c (generated), d (real)")
@@ -327,6 +399,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slides", type=int, default=80, help="task d: generated demo slides")
     parser.add_argument("--features", default=None, help="task d: feature-set folder holding h5_files/")
     parser.add_argument("--labels", default=None, help="task d: labels CSV slide_id,label[,case_id]")
+    parser.add_argument("--focal-slides", type=int, default=48, help="task e: generated one-lesion slides")
+    parser.add_argument("--small-bags", type=int, default=40, help="task f: bags of the small cohort")
+    parser.add_argument("--resume", type=Path, default=None, help="CSV of finished runs: appended, reused")
+    parser.add_argument("--reference", default="abmil", help="model the paired AUC differences are taken to")
     args = parser.parse_args(argv)
 
     from wsi_pipeline.models.mil import list_models
@@ -339,14 +415,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--task d takes --features and --labels together (or neither: generated slides)")
     jobs = []
     for task in tasks:
-        n_bags = 0 if task == "d" else args.bags
+        n_bags = {"d": 0, "e": 0, "f": args.small_bags}.get(task, args.bags)
+        n_slides = {"d": args.slides, "e": args.focal_slides}.get(task, 0)
         for spec in specs:
             for r in range(args.runs):
                 jobs.append(Job(
                     task=task, spec=spec, seed=r // args.folds, fold=r % args.folds, folds=args.folds,
                     bags=n_bags, data_seed=args.data_seed, min_n=args.min_n, max_n=args.max_n, epochs=args.epochs,
                     select_after=args.select_after, patience=args.patience, min_epochs=args.min_epochs,
-                    val_fraction=args.val_fraction, shift=args.shift, slides=args.slides if task == "d" else 0,
+                    val_fraction=args.val_fraction, shift=args.shift, slides=n_slides,
                     features=args.features if task == "d" else None,
                     labels=args.labels if task == "d" else None,
                 ))
@@ -356,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
             if line.strip():
                 record = json.loads(line)
                 done[record["key"]] = record
+    if args.resume:
+        done.update(load_csv(args.resume))
     todo = [j for j in jobs if j.key() not in done]
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already in {args.results}", file=sys.stderr, flush=True)
 
@@ -364,6 +443,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.results:
             with open(args.results, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if args.resume:
+            append_csv(args.resume, record)
         print(f"  {record['task']} {record['spec']} seed {record['seed']} fold {record['fold']}: AUC "
               f"{record['auc']:.3f} BA {record['balanced_accuracy']:.3f} {record['seconds']:.0f}s "
               f"loss {' '.join(f'{x:.2g}' for x in record['train_loss'])}", file=sys.stderr, flush=True)
@@ -383,12 +464,14 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.perf_counter() - t0
     records = [done[j.key()] for j in jobs]
     seeds = math.ceil(args.runs / args.folds)
-    generated = f"{args.bags} bags of {args.min_n}-{args.max_n} instances; " if set(tasks) - {"d"} else ""
+    generated = f"{args.bags} bags of {args.min_n}-{args.max_n} instances; " if set(tasks) - {"d", "e"} else ""
     header = (f"MIL quality: {generated}{args.runs} runs "
               f"({seeds} seed(s) x {args.folds} folds, val {args.val_fraction}), up to {args.epochs} epochs "
               f"(select after {args.select_after}, patience {args.patience}); wall {wall:.0f}s")
     print_table(records, tasks, specs, header)
     print_markdown(records, tasks, specs)
+    if args.reference in specs:
+        paired_table(records, tasks, specs, args.reference)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def test_parameter_count_matches_the_reference() -> None:
     # the recommended preset (§14): 128-d after a Linear(512, 128) + GELU + Dropout projection
     recommended = create_model("gmmamba", in_dim=512, n_classes=2)
     assert recommended.proj[0].out_features == 128 and _count(recommended.proj) == 512 * 128 + 128
-    assert _count(recommended) == 500_612 + (128 * 128 + 128) + (128 + 1)  # + the CSS attention scorer
+    instance_path = 2 * (128 * 128 + 128) + (128 + 1) + (128 * 2 + 2)  # gated scorer + its head (§16)
+    # + the CSS attention scorer and the instance path
+    assert _count(recommended) == 500_612 + (128 * 128 + 128) + (128 + 1) + instance_path
     assert _count(model.imm) == imm
     assert _count(model.css) == css
     assert _count(model.aggregator) + _count(model.head) == cls_and_head
@@ -81,7 +83,7 @@ def test_mask_count(m: int, ratio: float, min_one: bool, k: int) -> None:
 
 
 def test_masking_drops_the_k_lowest_and_keeps_original_order() -> None:
-    model = _model(batch_groups=False).eval()  # per-group calls, so the hooks see one group each
+    model = _model(batch_groups=False, instance_path=False).eval()  # per-group calls, so the hooks see one group each
     features, coords = _bag(157)
     groups = model.make_groups(None, coords.numpy())
     calls: list[dict[str, torch.Tensor]] = []
@@ -139,7 +141,7 @@ def test_tiny_bags_keep_at_least_one_instance_per_group(n: int) -> None:
 
 
 def test_two_instance_group_drops_exactly_one() -> None:
-    model = _model().eval()
+    model = _model(instance_path=False).eval()
     features, coords = _bag(2)
     logits, attn = model(features, coords, groups=[np.array([0, 1])])
     assert sorted((attn == 0).tolist()) == [False, True]
@@ -147,7 +149,7 @@ def test_two_instance_group_drops_exactly_one() -> None:
 
 
 def test_attention_sums_to_one_and_is_zero_exactly_on_masked() -> None:
-    model = _model().eval()
+    model = _model(instance_path=False).eval()
     features, coords = _bag(300)
     groups = model.make_groups(None, coords.numpy())
     _, attn = model(features, coords, groups)
@@ -156,10 +158,22 @@ def test_attention_sums_to_one_and_is_zero_exactly_on_masked() -> None:
     assert int((attn == 0).sum()) == sum(mask_count(len(g), 0.2) for g in groups)
 
 
+def test_instance_path_attention_is_the_mean_of_both_paths() -> None:
+    """With the instance path (recommended, docs/gmmamba.md §16) a masked instance keeps its instance-path
+    weight, and the map still sums to 1."""
+    model = _model(instance_path=True).eval()
+    features, coords = _bag(300)
+    _, attn = model(features, coords)
+    _, group_attn = _model(instance_path=False).eval()(features, coords)
+    beta = torch.softmax(model.instance_path.scorer(model.proj(features)), dim=0)
+    torch.testing.assert_close(attn, (group_attn + beta) / 2)
+    torch.testing.assert_close(attn.sum(), torch.tensor(1.0))
+
+
 def test_min_one_masked_flag() -> None:
     features, coords = _bag(120)
-    _, attn_quirk = _model(mask_ratio=0.0).eval()(features, coords)
-    _, attn_none = _model(mask_ratio=0.0, min_one_masked=False).eval()(features, coords)
+    _, attn_quirk = _model(mask_ratio=0.0, instance_path=False).eval()(features, coords)
+    _, attn_none = _model(mask_ratio=0.0, min_one_masked=False, instance_path=False).eval()(features, coords)
     assert int((attn_quirk == 0).sum()) == 10  # one per group even at M_r = 0 (§12.2)
     assert int((attn_none == 0).sum()) == 0
 

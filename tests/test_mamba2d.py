@@ -189,6 +189,21 @@ def test_every_parameter_learns_and_the_zero_pad_stays_zero():
     assert frozen.pad_token.grad is None
 
 
+def test_instance_path_adds_its_logits_and_shares_the_attention():
+    """`instance_path: true` (opt-in, docs/mamba2d.md §6): gated attention over the patch embeddings with its own
+    head, added to the released logits; the released parameters are initialised as without it."""
+    cells = [(0, 1), (1, 0), (1, 2), (3, 3), (2, 2)]
+    features, coords = torch.randn(5, 6), lattice(cells)
+    base, with_path = small(), small(instance_path=True)
+    for name, p in base.named_parameters():
+        assert torch.equal(p, dict(with_path.named_parameters())[name]), name
+    logits, attention = with_path(features, coords)
+    instance_logits, beta = with_path.instance_path(with_path.embed(features))
+    base_logits, base_attention = base(features, coords)
+    torch.testing.assert_close(logits, base_logits + instance_logits)
+    torch.testing.assert_close(attention, (base_attention + beta) / 2)
+
+
 def test_bad_options_are_refused():
     for options, message in (({"grid": "bbox"}, "grid must be"), ({"pad_token": "rand"}, "pad_token must be"),
                              ({"grid_size": [3]}, "grid_size must be"), ({"cell_size": 0}, "cell_size must be"),

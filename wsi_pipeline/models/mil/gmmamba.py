@@ -35,6 +35,10 @@ Architecture options and the quirks they keep (values of the released preset, re
   (residual BiMamba + max pooling per group); ``use_css=False`` feeds the group vectors to the class token
   without CSS; ``css_variant`` "cmax" / "q" / "cca" / "cca_q" / "cmha" / "cmha_q" give the CSS table's rows
   (css.py; "full": Eq 12).
+- ``instance_path=False`` (recommended: True): gated attention pooling of the projected instances straight to
+  logits (`pooling.InstancePath`), added to the class token's logits; the per-instance attention is then the mean
+  of both paths' weights. A lone positive patch reaches the output without first being pooled into a group vector
+  through two attention stages, which the group path does not learn on focal signals (docs/gmmamba.md §16).
 - ``batch_groups=True``: run IMM on all groups as one padded batch (`IMM.forward_batch`; the same outputs as
   the released per-group loop up to float rounding, ~1e-7, and 1.5–2× faster for small groups); False loops.
 
@@ -55,7 +59,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from wsi_pipeline.models.mil.css import CrossGroupSampling, CssAssociation, CssVariant
 from wsi_pipeline.models.mil.grouping import Grouping, group_cache_key, make_groups
-from wsi_pipeline.models.mil.pooling import AttentionScorer, attention_pool, check_bag
+from wsi_pipeline.models.mil.pooling import AttentionScorer, InstancePath, attention_pool, check_bag
 from wsi_pipeline.models.mil.registry import check_choice, register_model
 from wsi_pipeline.models.ssm.bimamba import BiMamba, xavier_reinit_
 
@@ -66,9 +70,10 @@ MaskMode = Literal["scores", "scores_train", "random_train"]
 PRESETS: dict[str, dict[str, Any]] = {
     "released": {"d_model": 512, "mask_ratio": 0.2, "min_one_masked": True, "learnable_mask": False,
                  "mask_mode": "scores", "mamba_native_init": False, "css_association": "dot",
-                 "feature_dropout": 0.0, "standardize": False},
+                 "feature_dropout": 0.0, "instance_path": False, "standardize": False},
 }
-PRESETS["recommended"] = {**PRESETS["released"], "d_model": 128, "css_association": "attention", "standardize": True}
+PRESETS["recommended"] = {**PRESETS["released"], "d_model": 128, "css_association": "attention",
+                          "instance_path": True, "standardize": True}
 
 
 def mask_count(m: int, mask_ratio: float, *, min_one_masked: bool = True) -> int:
@@ -249,14 +254,16 @@ class GMMamba(nn.Module):
         mask_ratio: float | None = None, min_one_masked: bool | None = None, learnable_mask: bool | None = None,
         mask_mode: MaskMode | None = None, mamba_native_init: bool | None = None,
         css_association: CssAssociation | None = None, feature_dropout: float | None = None,
-        use_imm: bool = True, use_css: bool = True, css_variant: CssVariant = "full", cls_layers: int = 1,
+        instance_path: bool | None = None, use_imm: bool = True, use_css: bool = True,
+        css_variant: CssVariant = "full", cls_layers: int = 1,
         d_state: int = 16, d_conv: int = 4, expand: int = 2, batch_groups: bool = True,
     ) -> None:
         super().__init__()
         check_choice("preset", preset, tuple(PRESETS))
         given = {"d_model": d_model, "mask_ratio": mask_ratio, "min_one_masked": min_one_masked,
                  "learnable_mask": learnable_mask, "mask_mode": mask_mode, "mamba_native_init": mamba_native_init,
-                 "css_association": css_association, "feature_dropout": feature_dropout}
+                 "css_association": css_association, "feature_dropout": feature_dropout,
+                 "instance_path": instance_path}
         self.options = opt = {k: PRESETS[preset][k] if v is None else v for k, v in given.items()}
         d_model = opt["d_model"]
         self.batch_groups = batch_groups
@@ -275,6 +282,7 @@ class GMMamba(nn.Module):
         self.head = nn.Linear(d_model, n_classes)
         # a module only when asked: the released model's parameters and init RNG use stay as they were
         self.feature_dropout = nn.Dropout(opt["feature_dropout"]) if opt["feature_dropout"] > 0 else None
+        self.instance_path = InstancePath(d_model, n_classes) if opt["instance_path"] else None
 
     def _init_imm(self, mamba_native_init: bool) -> None:
         """§7: the reference re-inits all of IMM (its unused ``_fc1``, our projection, included)."""
@@ -321,10 +329,12 @@ class GMMamba(nn.Module):
             sampled, q = group_vectors, group_vectors.new_full((len(group_vectors),), 1 / len(group_vectors))
         else:
             sampled, q = self.css(group_vectors)
-        logits = self.head(self.aggregator(sampled))[None]
         weights = torch.cat([q[g] * alpha for g, (_, alpha) in enumerate(pooled)])
         attn = weights.new_zeros(features.shape[0]).index_copy(0, torch.cat(index), weights)
-        return logits, attn
+        if self.instance_path is None:
+            return self.head(self.aggregator(sampled))[None], attn
+        instance_logits, beta = self.instance_path(x)
+        return self.head(self.aggregator(sampled))[None] + instance_logits, (attn + beta) / 2
 
 
 def _input_projection(in_dim: int, d_model: int) -> nn.Module:

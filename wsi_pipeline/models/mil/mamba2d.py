@@ -28,7 +28,13 @@ import torch
 from torch import nn
 
 from wsi_pipeline.models.mil.cellgrid import cohort_extent, grid_frame, place_cells
-from wsi_pipeline.models.mil.pooling import AttentionScorer, attention_pool, check_bag, instance_embedding
+from wsi_pipeline.models.mil.pooling import (
+    AttentionScorer,
+    InstancePath,
+    attention_pool,
+    check_bag,
+    instance_embedding,
+)
 from wsi_pipeline.models.mil.registry import register_model
 from wsi_pipeline.models.ssm.bimamba import xavier_reinit_
 from wsi_pipeline.models.ssm.mamba2d import Mamba2D
@@ -40,7 +46,7 @@ class Mamba2DMIL(nn.Module):
         self, in_dim: int, n_classes: int, *, d_model: int = 128, n_layers: int = 1, dropout: float = 0.25,
         d_state: int = 16, d_conv: int = 4, expand: int = 2, pad_token: Literal["trainable", "zero"] = "trainable",
         grid: Literal["released", "crop"] = "released", grid_size: Sequence[int] | None = None,
-        cell_size: int | None = None,
+        cell_size: int | None = None, instance_path: bool = False,
     ) -> None:
         super().__init__()
         _check_options(pad_token, grid, grid_size, cell_size)
@@ -59,6 +65,8 @@ class Mamba2DMIL(nn.Module):
         self.attention = AttentionScorer(d_model, 128)
         self.classifier = nn.Linear(d_model, n_classes)
         xavier_reinit_(self)
+        # made after the re-init: the released parameters' values and RNG use stay as they were
+        self.instance_path = InstancePath(d_model, n_classes) if instance_path else None
 
     def make_groups(self, features: np.ndarray | None, coords: np.ndarray) -> list[np.ndarray]:
         """The grid placement ``[rows, cols]`` of one slide's patches; deterministic, so cached by the trainer."""
@@ -86,7 +94,10 @@ class Mamba2DMIL(nn.Module):
             h = h + mamba(norm(h), (height, width))
         h = self.norm(h[0])
         bag, alpha = attention_pool(h, self.attention(h))
-        return self.classifier(bag)[None], alpha[cell]
+        if self.instance_path is None:
+            return self.classifier(bag)[None], alpha[cell]
+        instance_logits, beta = self.instance_path(x)
+        return self.classifier(bag)[None] + instance_logits, (alpha[cell] + beta) / 2
 
 
 def _check_options(pad_token: str, grid: str, grid_size: Sequence[int] | None, cell_size: int | None) -> None:

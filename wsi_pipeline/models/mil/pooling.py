@@ -49,6 +49,22 @@ class GatedAttentionScorer(nn.Module):
         return scores.squeeze(-1) if scores.shape[-1] == 1 else scores
 
 
+class InstancePath(nn.Module):
+    """Gated attention pooling of a model's own instance embeddings straight to class logits, beside its
+    sequence path: a lone positive patch reaches the output without being mixed into its neighbours by a scan
+    or diluted in a group vector first (docs/gmmamba.md §16). ABMIL's pooling and head, on the model's width."""
+
+    def __init__(self, dim: int, n_classes: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.scorer = GatedAttentionScorer(dim, hidden)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, dim) -> logits (1, C) and attention (M,) summing to 1."""
+        bag, alpha = attention_pool(h, self.scorer(h))
+        return self.head(bag)[None], alpha
+
+
 def attention_pool(h: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax the scores over instances and return (αᵀh of shape (dim,), α of shape (M,), sums to 1)."""
     alpha = torch.softmax(scores, dim=0)

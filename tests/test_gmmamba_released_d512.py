@@ -14,7 +14,6 @@ recorded model. Regenerate only on purpose: `WSIP_WRITE_GOLDEN=1 pytest tests/te
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from support import golden
 
 from wsi_pipeline.models.mil import create_model
 from wsi_pipeline.stages.train import TrainParams, train
@@ -43,26 +43,7 @@ def _bag(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _outputs(model: torch.nn.Module) -> dict[str, object]:
-    """Init digest, eval logits/attention, one training step's loss and gradient sketches of `model`."""
-    features, coords = _bag()
-    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
-    model.eval()
-    with torch.no_grad():
-        logits, attention = model(features, coords)
-    model.train()
-    torch.manual_seed(1)
-    train_logits, _ = model(features, coords)
-    loss = torch.nn.functional.cross_entropy(train_logits, torch.tensor([1]))
-    loss.backward()
-    probe = torch.Generator().manual_seed(0)
-    sketches = {}
-    for name, p in model.named_parameters():
-        if p.grad is None:  # the mask scorer: no gradient, as released (docs/gmmamba.md §4)
-            continue
-        g = p.grad.detach().double().flatten()
-        sketches[name] = torch.stack([g.sum(), g.abs().sum(), g @ torch.randn(g.numel(), generator=probe,
-                                                                               dtype=torch.float64)])
-    return {"digest": digest, "logits": logits, "attention": attention, "loss": loss.detach(), "grads": sketches}
+    return golden.record(model, *_bag())
 
 
 def _esca_model_options() -> dict[str, object]:
@@ -78,17 +59,7 @@ def _recorded() -> dict[str, object]:
 
 
 def _assert_matches_recording(got: dict[str, object]) -> None:
-    expected = _recorded()
-    assert got["digest"] == expected["digest"]
-    for name in ("logits", "attention", "loss"):
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
-    assert got["grads"].keys() == expected["grads"].keys()
-    for name, sketch in expected["grads"].items():
-        # rounding (batched groups, another CPU) moves a sketch by ~2e-5 of the gradient's absolute sum; the
-        # floor covers gradients that are rounding noise themselves (the pooling scorer's last bias: softmax
-        # is shift-invariant, so its true gradient is 0)
-        tolerance = 1e-4 * float(sketch[1]) + 1e-7
-        torch.testing.assert_close(got["grads"][name], sketch, rtol=0.0, atol=tolerance, msg=name)
+    golden.assert_matches(got, _recorded())
 
 
 @pytest.mark.parametrize("batch_groups", [False, True])

@@ -183,7 +183,11 @@ def test_every_parameter_learns_and_the_zero_pad_stays_zero():
     logits, _ = model(torch.randn(5, 6), lattice([(0, 1), (1, 0), (1, 2), (3, 3), (2, 2)]))
     F.cross_entropy(logits, torch.tensor([1])).backward()
     for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert p.grad is not None, name
+        if name == "attention.net.2.bias":  # softmax is shift-invariant: the scorer's last bias has gradient 0
+            assert p.grad.abs().max() < 1e-6  # (exactly 0 on some CPUs, rounding noise on others)
+        else:
+            assert p.grad.abs().sum() > 0, name
     frozen = small(pad_token="zero").train()
     frozen(torch.randn(2, 6), lattice([(0, 0), (2, 2)]))[0].sum().backward()
     assert frozen.pad_token.grad is None

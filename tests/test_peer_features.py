@@ -85,7 +85,7 @@ def test_training_reads_peer_feature_folders_as_they_are(tmp_path: Path, tool, w
     cfg = load_config(_config(tmp_path, folder))
     data = load_labelled_slides(cfg)
     assert data.in_dim == 8 and len(data.slides) == 4
-    bags = load_bags({s.slide_id: s.h5_path for s in data.slides}, make_groups=lambda f, c: None, cache_dir=None)
+    bags = load_bags({s.slide_id: s.h5_path for s in data.slides}, make_groups=lambda f, c: None, cache_path=None)
     features, coords = bags["S1"].features.numpy(), bags["S1"].coords.numpy()
     np.testing.assert_allclose(features, _feats(1), atol=1e-2 if tool == "stamp" else 0)  # STAMP stores fp16
     expected = _grid(5) if tool != "stamp" else _grid(5) // STEP_PX * 224  # STAMP: px on its 224-px tile grid

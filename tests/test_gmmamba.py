@@ -172,18 +172,22 @@ def test_instance_path_attention_is_the_mean_of_both_paths() -> None:
 
 
 def test_instance_loss_is_added_in_training_only_and_absent_in_released() -> None:
-    """Deep supervision (recommended, docs/gmmamba.md §16): the train-mode loss is CE(output) + CE(instance
-    path's own logits); eval-mode forwards keep nothing; the released preset's loss is plain cross-entropy."""
+    """Deep supervision (`instance_loss_weight`, docs/gmmamba.md §16): the train-mode loss is CE(output) +
+    w·CE(instance path's own logits); eval-mode forwards keep nothing; released and recommended (no weight)
+    train with plain cross-entropy."""
     features, coords = _bag(300)
     target = torch.tensor([1])
-    model = _model().train()  # d_model 64 == in_dim: identity projection, so the instance logits are reproducible
-    assert model.options["instance_loss_weight"] == 1.0
-    logits, _ = model(features, coords)
+    model = _model(instance_loss_weight=2.0).train()  # d_model 64 == in_dim: identity projection, so the
+    logits, _ = model(features, coords)                # instance logits can be recomputed here
     own = F.cross_entropy(model.instance_path(features)[0], target)
-    torch.testing.assert_close(bag_loss(model, logits, target), F.cross_entropy(logits, target) + own)
+    torch.testing.assert_close(bag_loss(model, logits, target), F.cross_entropy(logits, target) + 2.0 * own)
     assert own.item() > 0.1  # the added term is not negligible at init
     model.eval()(features, coords)
     assert model._forward_state is None
+    recommended = _model().train()
+    logits, _ = recommended(features, coords)
+    assert recommended.options["instance_loss_weight"] == 0.0 and recommended._forward_state is None
+    assert torch.equal(bag_loss(recommended, logits, target), F.cross_entropy(logits, target))
     released = _model(preset="released", in_dim=512, d_model=None).train()
     assert released.options["instance_loss_weight"] == 0.0 and released.instance_path is None
     features512 = torch.randn(300, 512)

@@ -39,10 +39,11 @@ Architecture options and the quirks they keep (values of the released preset, re
   logits (`pooling.InstancePath`), added to the class token's logits; the per-instance attention is then the mean
   of both paths' weights. A lone positive patch reaches the output without first being pooled into a group vector
   through two attention stages, which the group path does not learn on focal signals (docs/gmmamba.md §16).
-- ``instance_loss_weight=0.0`` (recommended: 1.0): deep supervision of the instance path: in training the loss is
+- ``instance_loss_weight=0.0``: deep supervision of the instance path: in training the loss is
   CE(output logits) + weight · CE(instance-path logits) (`training_loss`), so the instance path keeps a gradient
-  after the group path has fitted the training bags (§16). 0 without ``instance_path``; inference is unchanged.
-- ``instance_fusion="sum"``: how the two paths' logits make the output: ``"sum"`` or ``"mean"`` (§16).
+  after the group path has fitted the training bags. 0 without ``instance_path``; inference is unchanged. Not in
+  a preset: on task (b) it did not close the gap to ABMIL (§16).
+- ``instance_fusion="sum"``: how the two paths' logits make the output: ``"sum"`` or ``"mean"`` (measured, §16).
 - ``batch_groups=True``: run IMM on all groups as one padded batch (`IMM.forward_batch`; the same outputs as
   the released per-group loop up to float rounding, ~1e-7, and 1.5–2× faster for small groups); False loops.
 
@@ -80,7 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "instance_fusion": "sum", "standardize": False},
 }
 PRESETS["recommended"] = {**PRESETS["released"], "d_model": 128, "css_association": "attention",
-                          "instance_path": True, "instance_loss_weight": 1.0, "standardize": True}
+                          "instance_path": True, "standardize": True}
 
 
 def mask_count(m: int, mask_ratio: float, *, min_one_masked: bool = True) -> int:

@@ -171,7 +171,7 @@ MODULES = {"gmmamba": ["proj", "imm.mamba1", "imm.mamba2", "imm.pool_scorer", "c
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from wsi_pipeline.models.mil import create_model
+    from wsi_pipeline.models.mil import bag_loss, create_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="b", choices=["a", "b", "c", "e"])
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         for i in order.permutation(len(train)):
             feats, coords, label, _ = train[i]
             logits, _ = model((torch.from_numpy(feats) - mean) / std, torch.from_numpy(coords), g_train[i])
-            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([label]))
+            loss = bag_loss(model, logits, torch.tensor([label]))  # the trainer's loss (deep supervision, §16)
             optimiser.zero_grad()
             loss.backward()
             for m, module in modules.items():

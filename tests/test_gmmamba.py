@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import nn
 
-from wsi_pipeline.models.mil import create_model
+from wsi_pipeline.models.mil import bag_loss, create_model
 from wsi_pipeline.models.mil.css import CrossGroupSampling
 from wsi_pipeline.models.mil.gmmamba import GMMamba, mask_count
 
@@ -168,6 +169,39 @@ def test_instance_path_attention_is_the_mean_of_both_paths() -> None:
     beta = torch.softmax(model.instance_path.scorer(model.proj(features)), dim=0)
     torch.testing.assert_close(attn, (group_attn + beta) / 2)
     torch.testing.assert_close(attn.sum(), torch.tensor(1.0))
+
+
+def test_instance_loss_is_added_in_training_only_and_absent_in_released() -> None:
+    """Deep supervision (`instance_loss_weight`, docs/gmmamba.md §16): the train-mode loss is CE(output) +
+    w·CE(instance path's own logits); eval-mode forwards keep nothing; released and recommended (no weight)
+    train with plain cross-entropy."""
+    features, coords = _bag(300)
+    target = torch.tensor([1])
+    model = _model(instance_loss_weight=2.0).train()  # d_model 64 == in_dim: identity projection, so the
+    logits, _ = model(features, coords)                # instance logits can be recomputed here
+    own = F.cross_entropy(model.instance_path(features)[0], target)
+    torch.testing.assert_close(bag_loss(model, logits, target), F.cross_entropy(logits, target) + 2.0 * own)
+    assert own.item() > 0.1  # the added term is not negligible at init
+    model.eval()(features, coords)
+    assert model._forward_state is None
+    recommended = _model().train()
+    logits, _ = recommended(features, coords)
+    assert recommended.options["instance_loss_weight"] == 0.0 and recommended._forward_state is None
+    assert torch.equal(bag_loss(recommended, logits, target), F.cross_entropy(logits, target))
+    released = _model(preset="released", in_dim=512, d_model=None).train()
+    assert released.options["instance_loss_weight"] == 0.0 and released.instance_path is None
+    features512 = torch.randn(300, 512)
+    logits, _ = released(features512, coords)
+    assert released._forward_state is None
+    assert torch.equal(bag_loss(released, logits, target), F.cross_entropy(logits, target))
+
+
+def test_instance_fusion_mean_halves_the_summed_logits() -> None:
+    features, coords = _bag(200)
+    summed, _ = _model().eval()(features, coords)
+    mean, _ = _model(instance_fusion="mean").eval()(features, coords)
+    torch.testing.assert_close(mean, summed / 2)
+    assert _model(instance_path=False).options["instance_loss_weight"] == 0.0  # nothing to supervise
 
 
 def test_min_one_masked_flag() -> None:

@@ -39,6 +39,11 @@ Architecture options and the quirks they keep (values of the released preset, re
   logits (`pooling.InstancePath`), added to the class token's logits; the per-instance attention is then the mean
   of both paths' weights. A lone positive patch reaches the output without first being pooled into a group vector
   through two attention stages, which the group path does not learn on focal signals (docs/gmmamba.md §16).
+- ``instance_loss_weight=0.0``: deep supervision of the instance path: in training the loss is
+  CE(output logits) + weight · CE(instance-path logits) (`training_loss`), so the instance path keeps a gradient
+  after the group path has fitted the training bags. 0 without ``instance_path``; inference is unchanged. Not in
+  a preset: on task (b) it did not close the gap to ABMIL (§16).
+- ``instance_fusion="sum"``: how the two paths' logits make the output: ``"sum"`` or ``"mean"`` (measured, §16).
 - ``batch_groups=True``: run IMM on all groups as one padded batch (`IMM.forward_batch`; the same outputs as
   the released per-group loop up to float rounding, ~1e-7, and 1.5–2× faster for small groups); False loops.
 
@@ -54,23 +59,26 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from wsi_pipeline.models.mil.css import CrossGroupSampling, CssAssociation, CssVariant
 from wsi_pipeline.models.mil.grouping import Grouping, group_cache_key, make_groups
 from wsi_pipeline.models.mil.pooling import AttentionScorer, InstancePath, attention_pool, check_bag
-from wsi_pipeline.models.mil.registry import check_choice, register_model
+from wsi_pipeline.models.mil.registry import check_choice, pop_forward_state, register_model
 from wsi_pipeline.models.ssm.bimamba import BiMamba, xavier_reinit_
 
 MaskMode = Literal["scores", "scores_train", "random_train"]
+Fusion = Literal["sum", "mean"]
 
 # What each preset sets; an option passed explicitly (not None) overrides it. The evidence for the
 # recommended values is in docs/gmmamba.md §14 and benchmarks/bench_quality.py.
 PRESETS: dict[str, dict[str, Any]] = {
     "released": {"d_model": 512, "mask_ratio": 0.2, "min_one_masked": True, "learnable_mask": False,
                  "mask_mode": "scores", "mamba_native_init": False, "css_association": "dot",
-                 "feature_dropout": 0.0, "instance_path": False, "standardize": False},
+                 "feature_dropout": 0.0, "instance_path": False, "instance_loss_weight": 0.0,
+                 "instance_fusion": "sum", "standardize": False},
 }
 PRESETS["recommended"] = {**PRESETS["released"], "d_model": 128, "css_association": "attention",
                           "instance_path": True, "standardize": True}
@@ -254,7 +262,8 @@ class GMMamba(nn.Module):
         mask_ratio: float | None = None, min_one_masked: bool | None = None, learnable_mask: bool | None = None,
         mask_mode: MaskMode | None = None, mamba_native_init: bool | None = None,
         css_association: CssAssociation | None = None, feature_dropout: float | None = None,
-        instance_path: bool | None = None, use_imm: bool = True, use_css: bool = True,
+        instance_path: bool | None = None, instance_loss_weight: float | None = None,
+        instance_fusion: Fusion | None = None, use_imm: bool = True, use_css: bool = True,
         css_variant: CssVariant = "full", cls_layers: int = 1,
         d_state: int = 16, d_conv: int = 4, expand: int = 2, batch_groups: bool = True,
     ) -> None:
@@ -263,9 +272,13 @@ class GMMamba(nn.Module):
         given = {"d_model": d_model, "mask_ratio": mask_ratio, "min_one_masked": min_one_masked,
                  "learnable_mask": learnable_mask, "mask_mode": mask_mode, "mamba_native_init": mamba_native_init,
                  "css_association": css_association, "feature_dropout": feature_dropout,
-                 "instance_path": instance_path}
+                 "instance_path": instance_path, "instance_loss_weight": instance_loss_weight,
+                 "instance_fusion": instance_fusion}
         self.options = opt = {k: PRESETS[preset][k] if v is None else v for k, v in given.items()}
         d_model = opt["d_model"]
+        check_choice("instance_fusion", opt["instance_fusion"], Fusion)
+        if not opt["instance_path"]:  # nothing to supervise: `instance_path: false` stays the plain group path
+            opt["instance_loss_weight"] = 0.0
         self.batch_groups = batch_groups
         self.grouping, self.n_groups, self.grouping_seed = grouping, n_groups, grouping_seed
         self.group_cache_key = group_cache_key(grouping, n_groups, grouping_seed)
@@ -283,6 +296,7 @@ class GMMamba(nn.Module):
         # a module only when asked: the released model's parameters and init RNG use stay as they were
         self.feature_dropout = nn.Dropout(opt["feature_dropout"]) if opt["feature_dropout"] > 0 else None
         self.instance_path = InstancePath(d_model, n_classes) if opt["instance_path"] else None
+        self._forward_state: torch.Tensor | None = None  # train-mode instance-path logits, for training_loss
 
     def _init_imm(self, mamba_native_init: bool) -> None:
         """§7: the reference re-inits all of IMM (its unused ``_fc1``, our projection, included)."""
@@ -334,7 +348,18 @@ class GMMamba(nn.Module):
         if self.instance_path is None:
             return self.head(self.aggregator(sampled))[None], attn
         instance_logits, beta = self.instance_path(x)
-        return self.head(self.aggregator(sampled))[None] + instance_logits, (attn + beta) / 2
+        supervised = self.training and self.options["instance_loss_weight"] > 0
+        self._forward_state = instance_logits if supervised else None
+        logits = self.head(self.aggregator(sampled))[None] + instance_logits
+        return (logits / 2 if self.options["instance_fusion"] == "mean" else logits), (attn + beta) / 2
+
+    def training_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Bag cross-entropy, plus the instance path's own (deep supervision, §16) when its weight is > 0:
+        the released model's loss is exactly ``F.cross_entropy(logits, target)``."""
+        loss = F.cross_entropy(logits, target)
+        if self.options["instance_loss_weight"] > 0:
+            loss = loss + self.options["instance_loss_weight"] * F.cross_entropy(pop_forward_state(self), target)
+        return loss
 
 
 def _input_projection(in_dim: int, d_model: int) -> nn.Module:

@@ -22,21 +22,16 @@ from wsi_pipeline.cli_console import (
     patch_progress,
     report_findings,
     report_outcomes,
-    report_written,
     slide_progress,
     user_errors,
 )
+from wsi_pipeline.cli_export import export_app
+from wsi_pipeline.cli_options import ForceOpt, MppOpt, MppOverrideOpt, OutOpt, QuietOpt, ShardOpt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="wsip: whole-slide images in, slide-level predictions out.")
 
-OutOpt = Annotated[Path | None, typer.Option("--out", help="Workspace folder (default $WSIP_OUT or ./wsip_out).")]
-ShardOpt = Annotated[str | None, typer.Option("--shard", help="Process part i of N: 'i/N' (or Slurm array vars).")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even when a finished output matches.")]
-MppOpt = Annotated[float | None, typer.Option("--mpp", help="µm/px for slides that record none.")]
-MppOverrideOpt = Annotated[float | None, typer.Option(
-    "--mpp-override", help="µm/px replacing what every slide records (a CSV `mpp` column: per slide).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (logs, CI).")]
+app.add_typer(export_app, name="export")
 
 
 @app.command()
@@ -266,45 +261,6 @@ def report(
     console.print(f"report of {result.slides} slides ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s):",
                   highlight=False)
     out_console.print(escape(str(result.path)), highlight=False, soft_wrap=True)
-
-
-export_app = typer.Typer(no_args_is_help=True, help="Results for other tools: QuPath GeoJSON, STAMP features.")
-app.add_typer(export_app, name="export")
-
-
-@export_app.command("geojson")
-def export_geojson(
-    out: OutOpt = None,
-    run: Annotated[str | None, typer.Option("--run", help="A run's predicted slides (tiles with attention).")
-                   ] = None,
-    patches: Annotated[str | None, typer.Option("--patches", help="Else a cohort patch config.")] = None,
-) -> None:
-    """Per slide, tissue outlines (with holes) + one tile per patch, level-0 px, as QuPath imports them.
-
-    With --run, tiles carry the measurements `attention` and `attention_rank` and the predicted class
-    (→ predictions/<run>/<slide_id>.geojson); else → patches/<config>/geojson/<slide_id>.geojson.
-    """
-    from wsi_pipeline.stages.export import GeoJSONParams
-    from wsi_pipeline.stages.export import export_geojson as export
-
-    with user_errors():
-        result = export(GeoJSONParams(run=run, patches=patches), out=out)
-    report_written("GeoJSON", result.written, result.failed, result.out_dir)
-
-
-@export_app.command("stamp")
-def export_stamp(
-    out: OutOpt = None,
-    patches: Annotated[str | None, typer.Option("--patches", help="Patch config (when there are several).")] = None,
-    features: Annotated[str | None, typer.Option("--features", help="Feature set, e.g. uni (when several).")] = None,
-) -> None:
-    """A feature set in STAMP's layout (feats, coords in µm, tile_size_um) → features/<config>/<set>/stamp/."""
-    from wsi_pipeline.stages.export_features import ExportFeaturesParams, export_features
-
-    with user_errors():
-        result = export_features(ExportFeaturesParams("stamp", patches=patches, features=features), out=out)
-    console.print(f"{len(result.written)} STAMP feature files →", highlight=False)
-    out_console.print(str(result.out_dir), highlight=False, soft_wrap=True)
 
 
 @app.command()

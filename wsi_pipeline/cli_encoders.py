@@ -17,6 +17,12 @@ def _params(card: EncoderCard) -> str:
     return f"{card.params / 1e9:.2f} B" if card.params >= 1e9 else f"{card.params / 1e6:.0f} M"
 
 
+def _published(card: EncoderCard) -> str:
+    pub = card.published
+    figure = f"published: {pub.figure}, " if pub.figure else ""
+    return figure + pub.source + (f"; {pub.note}" if pub.note else "")
+
+
 def _local(card: EncoderCard) -> str:
     local = pretrained.local_weights(card)
     return f"yes ({local[1]}: {local[0]})" if local else "no"
@@ -47,9 +53,7 @@ def card_table(name: str) -> Table:
         "model": card.title,
         "architecture": f"timm {card.arch} ({options}, num_classes=0)" + (
             " + CoCa attentional pooler + LayerNorm" if card.module == "conch-v1.5" else ""),
-        "parameters": f"{card.params:,} ("
-                      + (f"published: {card.published_m:g} M, " if card.published_m is not None else "")
-                      + f"{card.published_source})",
+        "parameters": f"{card.params:,} ({_published(card)})",
         "output": f"{card.dim}-d: {card.feature_text}",
         "preprocessing": f"{resize} (official: {card.interpolation}; wsip: area), RGB / 255, "
                          f"mean {card.mean}, std {card.std}",

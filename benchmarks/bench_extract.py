@@ -46,7 +46,7 @@ def patched_workspace(root: Path, size: str) -> Layout:
     folder.mkdir()
     width, height = (int(v) for v in size.split("x"))
     shutil.copy(generated_slide((width, height), seed=1), folder / "bench.svs")
-    shutil.copy(generated_slide((1000, 1000), seed=2), folder / "warmup.svs")
+    shutil.copy(generated_slide((2000, 2000), seed=2), folder / "warmup.svs")
     patch([SlideSource(folder / "bench.svs"), SlideSource(folder / "warmup.svs")], PatchParams(magnification_x=20),
           out=root)
     return Layout.at(root)

@@ -68,13 +68,13 @@ def main() -> None:
     args = parser.parse_args()
     gib = 1024**3
     print(f"estimated accelerator memory per batch of {args.batch_size} (weights fp32 + activations)")
-    print(f"{'encoder':16s} {'params':>8s} {'weights':>8s} {'fp32 batch':>11s} {'bf16 batch':>11s}")
+    print(f"{'encoder':16s} {'params':>8s} {'weights':>10s} {'fp32 batch':>11s} {'bf16 batch':>11s}")
     for name in args.encoders.split(","):
         n_params, fp32 = activation_peak(name, args.batch_size, torch.float32)
         _, bf16 = activation_peak(name, args.batch_size, torch.bfloat16)
         weights = n_params * 4
-        print(f"{name:16s} {n_params / 1e6:7.1f}M {weights / gib:7.2f}G {(weights + fp32) / gib:10.2f}G "
-              f"{(weights + bf16) / gib:10.2f}G")
+        print(f"{name:16s} {n_params / 1e6:7.1f}M {weights / gib:6.2f} GiB {(weights + fp32) / gib:7.2f} GiB "
+              f"{(weights + bf16) / gib:7.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -77,9 +77,9 @@ def pipeline_seconds(run_slide: Callable[[], object], device: torch.device) -> f
     return time.perf_counter() - start
 
 
-def bench_encoder(layout: Layout, name: str, args: argparse.Namespace) -> str:
+def bench_encoder(layout: Layout, name: str, precision: str, args: argparse.Namespace) -> str:
     params = ExtractParams(encoder=name, weights="random", batch_size=args.batch_size, workers=args.workers,
-                           device=args.device, precision=args.precision)
+                           device=args.device, precision=precision)
     device = resolve_device(args.device)
     encoder = load_encoder(params, device)
     patch_set = layout.pick_patch_set(None)
@@ -92,7 +92,7 @@ def bench_encoder(layout: Layout, name: str, args: argparse.Namespace) -> str:
 
     size = encoder.preprocess.input_size
     batch = torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    dtype = autocast_dtype(args.precision, device)
+    dtype = autocast_dtype(precision, device)
     run("warmup")  # first-call costs (allocator, kernels) on both sides
     bare_seconds(encoder, batch, 1, dtype)
     n_patches = run("bench").row["n_patches"]
@@ -102,7 +102,7 @@ def bench_encoder(layout: Layout, name: str, args: argparse.Namespace) -> str:
         bare.append(n_batches * args.batch_size / bare_seconds(encoder, batch, n_batches, dtype))
         full.append(n_patches / pipeline_seconds(lambda: run("bench"), device))
     ratios = sorted(f / b for f, b in zip(full, bare, strict=True))
-    return (f"{name:14s} {args.precision:>9s} {n_patches:8d} {statistics.median(bare):11.2f} "
+    return (f"{name:14s} {precision:>9s} {n_patches:8d} {statistics.median(bare):11.2f} "
             f"{statistics.median(full):11.2f} {statistics.median(ratios):7.3f}   {ratios[0]:.3f}–{ratios[-1]:.3f}")
 
 
@@ -111,7 +111,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16, on both sides")
+    parser.add_argument("--precision", default="auto",
+                        help="auto | fp32 | bf16 | fp16 (comma-separated for several), on both sides")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved bare/pipeline pairs")
     parser.add_argument("--encoders", "--encoder", default="resnet18",
                         help="registered names (`wsip encoders`) or timm:<name>, comma-separated")
@@ -125,7 +126,8 @@ def main() -> None:
         print(f"{'encoder':14s} {'precision':>9s} {'patches':>8s} {'bare fwd/s':>11s} {'pipeline/s':>11s} "
               f"{'ratio':>7s}   (min–max)")
         for name in args.encoders.split(","):
-            print(bench_encoder(layout, name, args), flush=True)
+            for precision in args.precision.split(","):
+                print(bench_encoder(layout, name, precision, args), flush=True)
     finally:
         shutil.rmtree(root)
 

@@ -1,7 +1,7 @@
 """Extraction throughput: the full pipeline against the bare encoder forward, interleaved in one run.
 
 Each round times (a) the bare forward: the encoder on an already normalised channels_last batch, as many
-patches as the slide has; and (b) the full pipeline on a generated 40x slide patched at 20x: the stage's
+patches as the slide has in the pipeline's batch sizes; and (b) the full pipeline on a generated 40x slide patched at 20x: the stage's
 per-slide function (`extract_slide`), wall clock around all of it — reader start, reading, resizing,
 normalising, forward, chunk writes, the h5 and pt files. The ratio b/a is taken per round and the median
 printed, so load from other processes on shared cores falls on both sides alike. Both sides use the same
@@ -41,14 +41,12 @@ from wsi_pipeline.workspace.layout import Layout
 
 
 def patched_workspace(root: Path, size: str) -> Layout:
-    """A bench slide of `size` (WxH px at 40x) and a small warm-up slide, patched at 20x."""
+    """A bench slide of `size` (WxH px at 40x), patched at 20x."""
     folder = root / "slides"
     folder.mkdir()
     width, height = (int(v) for v in size.split("x"))
     shutil.copy(generated_slide((width, height), seed=1), folder / "bench.svs")
-    shutil.copy(generated_slide((2000, 2000), seed=2), folder / "warmup.svs")
-    patch([SlideSource(folder / "bench.svs"), SlideSource(folder / "warmup.svs")], PatchParams(magnification_x=20),
-          out=root)
+    patch([SlideSource(folder / "bench.svs")], PatchParams(magnification_x=20), out=root)
     return Layout.at(root)
 
 
@@ -57,14 +55,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bare_seconds(encoder: Encoder, batch: torch.Tensor, n_batches: int, dtype: torch.dtype | None) -> float:
-    """The encoder alone on a ready batch, `n_batches` times."""
+def bare_seconds(encoder: Encoder, batch: torch.Tensor, sizes: list[int], dtype: torch.dtype | None) -> float:
+    """The encoder alone on ready batches of `sizes` (the pipeline's own: full ones and the remainder)."""
     autocast = torch.autocast(batch.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         _sync(batch.device)
         start = time.perf_counter()
-        for _ in range(n_batches):
-            encoder(batch).float()
+        for size in sizes:
+            encoder(batch[:size]).float()
         _sync(batch.device)
     return time.perf_counter() - start
 
@@ -93,13 +91,13 @@ def bench_encoder(layout: Layout, name: str, precision: str, args: argparse.Name
     size = encoder.preprocess.input_size
     batch = torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     dtype = autocast_dtype(precision, device)
-    run("warmup")  # first-call costs (allocator, kernels) on both sides
-    bare_seconds(encoder, batch, 1, dtype)
-    n_patches = run("bench").row["n_patches"]
-    n_batches = -(-n_patches // args.batch_size)
+    n_patches = run("bench").row["n_patches"]  # first-call costs (allocator, kernels), on both sides
+    full_batches, rest = divmod(n_patches, args.batch_size)
+    sizes = [args.batch_size] * full_batches + ([rest] if rest else [])
+    bare_seconds(encoder, batch, sorted(set(sizes)), dtype)
     bare, full = [], []
     for _ in range(args.rounds):
-        bare.append(n_batches * args.batch_size / bare_seconds(encoder, batch, n_batches, dtype))
+        bare.append(n_patches / bare_seconds(encoder, batch, sizes, dtype))
         full.append(n_patches / pipeline_seconds(lambda: run("bench"), device))
     ratios = sorted(f / b for f, b in zip(full, bare, strict=True))
     return (f"{name:14s} {precision:>9s} {n_patches:8d} {statistics.median(bare):11.2f} "

@@ -3,8 +3,8 @@
 Each round times (a) the bare forward: the encoder on an already normalised channels_last batch, as many
 patches as the slide has, in the pipeline's batch sizes; and (b) the full pipeline on a generated 40x slide
 patched at 20x: the stage's per-slide function (`extract_slide`), wall clock around all of it — reader start,
-reading, resizing, normalising, forward, chunk writes, the h5 and pt files. The ratio b/a is taken per round and the median
-printed, so load from other processes on shared cores falls on both sides alike. Both sides use the same
+reading, resizing, normalising, forward, chunk writes, the h5 and pt files. The ratio b/a is taken per round
+and the median printed, so load from other processes on shared cores falls on both sides alike. Both sides use the same
 encoder object, batch size, threads and precision (`--precision bf16`: autocast on both). Any registered
 encoder (random weights of the real architecture); a smaller slide for the big ones (`--size 2000x2000`).
 Run: `python benchmarks/bench_extract.py --encoder resnet18,uni --precision fp32 [--rounds 5] [--device cuda]`.

@@ -1,56 +1,107 @@
-"""Extraction throughput: full pipeline (read + resize + normalise + forward + write) vs the bare encoder.
+"""Extraction throughput: the full pipeline against the bare encoder forward, interleaved in one run.
 
-(a) bare forward patches/s on random tensors, same batch size and threads; (b) `extract` patches/s on a
-generated multi-level slide; prints b/a per encoder. Target on a 2-core CPU: ≥ 0.8 for resnet18.
-Any registered encoder (random weights of the real architecture): `--encoder uni`; a smaller slide for the big
-ones: `--size 4000x4000`.
-Run: `.venv/bin/python benchmarks/bench_extract.py [--encoder NAME] [--device cuda] [--batch-size 32] [--workers 1]`.
+Each round times (a) the bare forward: the encoder on an already normalised channels_last batch, as many
+patches as the slide has, in the pipeline's batch sizes; and (b) the full pipeline on a generated 40x slide
+patched at 20x: the stage's per-slide function (`extract_slide`), wall clock around all of it — reader start,
+reading, resizing, normalising, forward, chunk writes, the h5 and pt files. The ratio b/a is taken per round
+and the median printed, so load from other processes on shared cores falls on both sides alike. Both sides use the same
+encoder object, batch size, threads and precision (`--precision bf16`: autocast on both). Any registered
+encoder (random weights of the real architecture); a smaller slide for the big ones (`--size 2000x2000`).
+Run: `python benchmarks/bench_extract.py --encoder resnet18,uni --precision fp32 [--rounds 5] [--device cuda]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from common import generated_slide, machine
 
 from wsi_pipeline.device import resolve_device
-from wsi_pipeline.models.encoders import create_encoder
-from wsi_pipeline.stages.extract import ExtractParams, extract
+from wsi_pipeline.models.encoders import Encoder
+from wsi_pipeline.stages.extract import (
+    ExtractParams,
+    autocast_dtype,
+    extract_slide,
+    feature_set_name,
+    load_encoder,
+    slide_jobs,
+)
 from wsi_pipeline.stages.inputs import SlideSource
 from wsi_pipeline.stages.patch import PatchParams, patch
+from wsi_pipeline.stages.runner import SlideOutcome
+from wsi_pipeline.workspace.layout import Layout
 
 
-def bare_rate(name: str, device: torch.device, batch: int, n_batches: int, precision: str) -> float:
-    encoder = create_encoder(name, "random", device=device)
-    encoder.module.to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, encoder.preprocess.input_size, encoder.preprocess.input_size, device=device)
-    x = x.contiguous(memory_format=torch.channels_last)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        encoder(x)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n_batches):
-            encoder(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return batch * n_batches / (time.perf_counter() - t)
+def patched_workspace(root: Path, size: str) -> Layout:
+    """A bench slide of `size` (WxH px at 40x), patched at 20x."""
+    folder = root / "slides"
+    folder.mkdir()
+    width, height = (int(v) for v in size.split("x"))
+    shutil.copy(generated_slide((width, height), seed=1), folder / "bench.svs")
+    patch([SlideSource(folder / "bench.svs")], PatchParams(magnification_x=20), out=root)
+    return Layout.at(root)
 
 
-def pipeline_rate(workspace: Path, name: str, args: argparse.Namespace) -> tuple[float, int]:
-    """Patches/s of one slide, everything per slide included: reader start, reads, resize, normalise, forward,
-    chunk writes, the final h5 (the stage's own per-slide `seconds`); the once-per-run model build is not."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_seconds(encoder: Encoder, batch: torch.Tensor, sizes: list[int], dtype: torch.dtype | None) -> float:
+    """The encoder alone on ready batches of `sizes` (the pipeline's own: full ones and the remainder)."""
+    autocast = torch.autocast(batch.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        _sync(batch.device)
+        start = time.perf_counter()
+        for size in sizes:
+            encoder(batch[:size]).float()
+        _sync(batch.device)
+    return time.perf_counter() - start
+
+
+def pipeline_seconds(run_slide: Callable[[], object], device: torch.device) -> float:
+    """One whole slide through the stage."""
+    start = time.perf_counter()
+    run_slide()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def bench_encoder(layout: Layout, name: str, precision: str, args: argparse.Namespace) -> str:
     params = ExtractParams(encoder=name, weights="random", batch_size=args.batch_size, workers=args.workers,
-                           device=args.device, precision=args.precision, formats=("h5",))
-    extract(params, out=workspace, slide_ids=["warmup"])  # first-call costs (allocator, kernels)
-    outcome = extract(params, out=workspace, slide_ids=["bench"]).outcomes[0]
-    return outcome.row["n_patches"] / float(outcome.row["seconds"]), outcome.row["n_patches"]
+                           device=args.device, precision=precision)
+    device = resolve_device(args.device)
+    encoder = load_encoder(params, device)
+    patch_set = layout.pick_patch_set(None)
+    feature_set = layout.feature_set(patch_set.name, feature_set_name(name, "random", encoder.weights_sha256))
+    feature_set.dir.mkdir(parents=True, exist_ok=True)
+    jobs = {job.slide_id: job for job in slide_jobs(patch_set)}
+
+    def run(slide_id: str) -> SlideOutcome:
+        return extract_slide(jobs[slide_id], encoder=encoder, params=params, feature_set=feature_set, force=True)
+
+    size = encoder.preprocess.input_size
+    batch = torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    dtype = autocast_dtype(precision, device)
+    n_patches = run("bench").row["n_patches"]  # first-call costs (allocator, kernels), on both sides
+    full_batches, rest = divmod(n_patches, args.batch_size)
+    sizes = [args.batch_size] * full_batches + ([rest] if rest else [])
+    bare_seconds(encoder, batch, sorted(set(sizes)), dtype)
+    bare, full = [], []
+    for _ in range(args.rounds):
+        bare.append(n_patches / bare_seconds(encoder, batch, sizes, dtype))
+        full.append(n_patches / pipeline_seconds(lambda: run("bench"), device))
+    ratios = sorted(f / b for f, b in zip(full, bare, strict=True))
+    return (f"{name:14s} {precision:>9s} {n_patches:8d} {statistics.median(bare):11.2f} "
+            f"{statistics.median(full):11.2f} {statistics.median(ratios):7.3f}   {ratios[0]:.3f}–{ratios[-1]:.3f}")
 
 
 def main() -> None:
@@ -58,28 +109,25 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--precision", default="auto")
-    parser.add_argument("--encoders", "--encoder", default="resnet18,vit_s16_ssl",
+    parser.add_argument("--precision", default="auto",
+                        help="auto | fp32 | bf16 | fp16 (comma-separated for several), on both sides")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved bare/pipeline pairs")
+    parser.add_argument("--encoders", "--encoder", default="resnet18",
                         help="registered names (`wsip encoders`) or timm:<name>, comma-separated")
     parser.add_argument("--size", default="12000x16000", help="generated slide, WxH px at 40x")
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    workspace = Path(tempfile.mkdtemp())
-    folder = workspace / "slides"
-    folder.mkdir()
-    width, height = (int(v) for v in args.size.split("x"))
-    shutil.copy(generated_slide((width, height), seed=1), folder / "bench.svs")
-    shutil.copy(generated_slide((2000, 2000), seed=2), folder / "warmup.svs")
-    patch([SlideSource(folder / "bench.svs"), SlideSource(folder / "warmup.svs")], PatchParams(magnification_x=20),
-          out=workspace)
-    print(f"wsip extract, batch {args.batch_size}, {args.workers} reader worker(s), precision {args.precision} — "
-          f"{machine()}")
-    print(f"{'encoder':14s} {'patches':>8s} {'bare fwd/s':>11s} {'pipeline/s':>11s} {'ratio b/a':>10s}")
-    for name in args.encoders.split(","):
-        rate, n = pipeline_rate(workspace, name, args)
-        bare = bare_rate(name, device, args.batch_size, max(2, min(8, n // args.batch_size)), args.precision)
-        print(f"{name:14s} {n:8d} {bare:11.1f} {rate:11.1f} {rate / bare:10.2f}")
-    shutil.rmtree(workspace)
+    root = Path(tempfile.mkdtemp())
+    try:
+        layout = patched_workspace(root, args.size)
+        print(f"wsip extract, batch {args.batch_size}, {args.workers} reader worker(s), {args.rounds} interleaved "
+              f"rounds — {machine()}")
+        print(f"{'encoder':14s} {'precision':>9s} {'patches':>8s} {'bare fwd/s':>11s} {'pipeline/s':>11s} "
+              f"{'ratio':>7s}   (min–max)")
+        for name in args.encoders.split(","):
+            for precision in args.precision.split(","):
+                print(bench_encoder(layout, name, precision, args), flush=True)
+    finally:
+        shutil.rmtree(root)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,12 @@ from sklearn.metrics import roc_auc_score
 
 from wsi_pipeline.errors import UserError
 from wsi_pipeline.stages.compare import CompareParams, compare
-from wsi_pipeline.stages.extract import ExtractParams, extract
 from wsi_pipeline.stages.inputs import resolve_inputs
-from wsi_pipeline.stages.patch import patch
 from wsi_pipeline.stages.predict import PredictParams, predict
 from wsi_pipeline.stages.predict.cohort import resolve_threshold
 from wsi_pipeline.stages.train import TrainParams, train
 from wsi_pipeline.testing.synthetic import make_demo_cohort
-from wsi_pipeline.workspace.layout import RunDir
+from wsi_pipeline.workspace.layout import Layout, RunDir
 
 WSIP = [sys.executable, "-m", "wsi_pipeline.cli"]
 
@@ -42,11 +40,12 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """A 10-slide training cohort with runs `a`, `b` (same splits) and `c` (other splits), and an external
-    cohort of 4 labelled slides (2 patients × 2 slides) plus one unlabelled slide."""
+def study(tmp_path_factory, small_cohort):
+    """A 10-slide training cohort (conftest's `small_cohort`, its workspace copied) with runs `a`, `b` (same
+    splits) and `c` (other splits), and an external cohort of 4 labelled slides (2 patients × 2 slides) plus one
+    unlabelled slide."""
     root = tmp_path_factory.mktemp("study")
-    labels = make_demo_cohort(root / "train" / "slides", n_slides=10, size=(1024, 1536), hotspots=2, seed=3)
+    labels = small_cohort / "labels.csv"
     ext_labels = make_demo_cohort(root / "ext" / "slides", n_slides=4, size=(1024, 1536), hotspots=2, seed=8)
     external = root / "external"
     external.mkdir()
@@ -57,9 +56,9 @@ def study(tmp_path_factory):
     (root / "ext_labels.csv").write_text("slide_id,label,case_id\n" + "".join(
         f"ext_{r['slide_id']},{r['label']},ext_{r['case_id']}\n" for r in rows))
     ws = root / "ws"
-    patch(resolve_inputs([root / "train" / "slides"]), out=ws)
-    features = extract(ExtractParams(weights="random", formats=("h5",)), out=ws)
-    base = {"data": {"features": str(features.out_dir), "labels": str(labels)},
+    shutil.copytree(small_cohort / "ws", ws)
+    [features] = Layout(ws).feature_sets()
+    base = {"data": {"features": str(features.dir), "labels": str(labels)},
             "splits": {"folds": 2, "val_fraction": 0.5}, "model": {"name": "abmil"},
             "optim": {"epochs": 2, "select_after": 0, "min_epochs": 0}, "device": "cpu", "out": str(ws)}
     results = {}

@@ -34,14 +34,16 @@ def tree_digest(root: Path, skip: str = "predictions") -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """10 small slides, patched, encoded (random weights), an ABMIL run of 2 folds × 2 epochs."""
+def trained(tmp_path_factory, small_cohort):
+    """The shared small cohort (conftest: 10 slides, patched, encoded with random weights) beside a copy of its
+    workspace, and an ABMIL run of 2 folds × 2 epochs there."""
     root = tmp_path_factory.mktemp("layout")
-    labels = make_demo_cohort(root / "slides", n_slides=10, size=(1024, 1536), hotspots=2, seed=3)
+    for name in ("slides", "holdout.svs"):
+        (root / name).symlink_to(small_cohort / name)
     ws = root / "ws"
-    patch(resolve_inputs([root / "slides"]), out=ws)
-    features = extract(ExtractParams(weights="random", formats=("h5",)), out=ws)
-    cfg = {"name": "r", "data": {"features": str(features.out_dir), "labels": str(labels)},
+    shutil.copytree(small_cohort / "ws", ws)
+    [features] = Layout(ws).feature_sets()
+    cfg = {"name": "r", "data": {"features": str(features.dir), "labels": str(small_cohort / "labels.csv")},
            "splits": {"folds": 2, "val_fraction": 0.5}, "model": {"name": "abmil"},
            "optim": {"epochs": 2, "select_after": 0, "min_epochs": 0}, "device": "cpu", "out": str(ws)}
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))

@@ -74,6 +74,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.e2e
 def test_train_records_pooled_out_of_fold_auc_with_ci_and_a_youden_threshold(study):
     _, ws, results = study
     run = ws / "runs" / "a"
@@ -91,6 +92,7 @@ def test_train_records_pooled_out_of_fold_auc_with_ci_and_a_youden_threshold(stu
     assert "Pooled out-of-fold AUC" in (run / "report.md").read_text()
 
 
+@pytest.mark.e2e
 def test_predict_with_labels_scores_the_cohort_like_scikit_learn(study):
     root, ws, _ = study
     result = predict(resolve_inputs([root / "external"]), PredictParams(run="a", labels=root / "ext_labels.csv",
@@ -113,6 +115,7 @@ def test_predict_with_labels_scores_the_cohort_like_scikit_learn(study):
     assert metrics["unlabelled"] == ["unlabelled"] and "NaN" not in (ws / "predictions/a/metrics.json").read_text()
 
 
+@pytest.mark.e2e
 def test_labels_in_a_slides_csv_and_the_youden_threshold(study, tmp_path):
     root, ws, results = study
     slides_csv = tmp_path / "slides.csv"
@@ -127,6 +130,7 @@ def test_labels_in_a_slides_csv_and_the_youden_threshold(study, tmp_path):
     assert result.cohort.evaluation["patient"]["n"] == 4  # one patient per slide here
 
 
+@pytest.mark.e2e
 def test_one_class_only_says_auc_undefined(study, tmp_path):
     root, ws, _ = study
     labels = tmp_path / "tumours.csv"
@@ -139,6 +143,7 @@ def test_one_class_only_says_auc_undefined(study, tmp_path):
     assert json.loads(text)["slide"]["metrics"]["auc"]["value"] is None and "NaN" not in text
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("rows", "expected"), [
     ("ext_demo_00,normal\nnot_given,tumour\n", "labels for slide(s) not being predicted: not_given"),
     ("ext_demo_00,benign\n", "label(s) 'benign' are not classes of the run (normal, tumour)"),
@@ -155,6 +160,7 @@ def test_bad_labels_are_refused_before_anything_is_written(study, tmp_path, rows
     assert digest(ws) == before
 
 
+@pytest.mark.e2e
 def test_a_bad_label_is_one_line_exit_2_from_the_cli(study, tmp_path):
     root, ws, _ = study
     labels = tmp_path / "labels.csv"
@@ -164,6 +170,7 @@ def test_a_bad_label_is_one_line_exit_2_from_the_cli(study, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
+@pytest.mark.e2e
 def test_compare_two_runs_on_the_same_splits_and_refuse_other_slides(study):
     root, ws, _ = study
     proc = run_cli("compare", "a", "b", "--on", "cv", "--out", ws)

@@ -100,8 +100,8 @@ def build_once(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path
 def demo_cohort(build_once) -> Callable[[Path], Path]:
     """Factory: the 12-slide generated cohort (two classes, 4 slides sharing patients, `holdout.svs` beside
     `slides/`) linked into a folder, one symlink per file; returns its labels.csv. Generated once per run
-    (~10 s) for the end-to-end tests that build workspaces from it (test_pipeline, test_report); each gets its
-    own folder, so adding a file there never touches another's."""
+    (~10 s) for the end-to-end tests that build workspaces from it (test_report); each gets its own folder,
+    so adding a file there never touches another's."""
     source = build_once("demo_cohort", lambda folder: make_demo_cohort(
         folder / "slides", n_slides=12, size=(1536, 2048), hotspots=3, seed=5))
     labels = source / "labels.csv"
@@ -121,7 +121,7 @@ def demo_cohort(build_once) -> Callable[[Path], Path]:
 def small_cohort(build_once) -> Path:
     """10 small labelled slides (1024 × 1536, `holdout.svs` beside `slides/`, labels.csv) patched at 20x and
     encoded (ResNet18, random weights) in `ws/`: built once per run for the tests that train and predict on it
-    (test_layout, test_external_validation). Tests write to a copy of `ws`."""
+    (test_pipeline, test_layout, test_external_validation). Tests write to a copy of `ws`."""
     def make(folder: Path) -> None:
         from wsi_pipeline.stages.extract import ExtractParams, extract
         from wsi_pipeline.stages.inputs import resolve_inputs

@@ -1,9 +1,11 @@
 # Every target does its set-up from nothing. Two test lanes: `make check` (lint + unit tests, the edit loop)
-# and `make test` (everything, what CI runs); the lanes are chosen by pytest markers (pyproject.toml).
+# and `make test` (everything, what CI runs); the lanes are chosen by pytest markers (pyproject.toml). Both spread
+# the tests over one pytest-xdist worker per core, a test file per worker (module-scoped workspaces built once).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PARALLEL := -n auto --dist loadfile
 
 .PHONY: demo check test lint bench faults fuzz clean
 
@@ -17,10 +19,10 @@ demo: $(STAMP)
 
 check: $(STAMP)
 	$(BIN)/ruff check wsi_pipeline tests benchmarks examples
-	$(BIN)/python -m pytest -q -m "not (e2e or browser or demo or memory or slow or faults)"
+	$(BIN)/python -m pytest -q $(PARALLEL) -m "not (e2e or browser or demo or memory or slow or faults)"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PARALLEL)
 
 lint: $(STAMP)
 	$(BIN)/ruff check wsi_pipeline tests benchmarks examples

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +14,16 @@ import torch
 from wsi_pipeline.testing.synthetic import he_tissue, make_demo_cohort, tile_tissue, write_aperio_slide
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test`, `make check`: `-n 2`) each worker gets its share of the cores for torch
+    and for the `wsip` processes its tests start: on 2 cores two workers of 2 OpenMP threads each only spin."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def shared_slides_dir() -> Path:
@@ -60,13 +71,40 @@ def make_slide(tmp_path_factory, tissue_source):
 
 
 @pytest.fixture(scope="session")
-def demo_cohort(tmp_path_factory) -> Callable[[Path], Path]:
+def build_once(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path]:
+    """Factory: `build_once(name, build)` runs `build(folder)` once per test run and returns the folder, which
+    tests only read (or copy). Under pytest-xdist the workers share the folder: they share the parent of their
+    own temp roots, and a file lock makes the first one build while the others wait."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+
+    def build(name: str, make: Callable[[Path], None]) -> Path:
+        folder = root / "shared" / name
+        folder.parent.mkdir(exist_ok=True)
+        done = folder.with_suffix(".done")  # built in place: workspaces record absolute paths
+        with FileLock(folder.with_suffix(".lock")):
+            if not done.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir()
+                make(folder)
+                done.touch()
+        return folder
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def demo_cohort(build_once) -> Callable[[Path], Path]:
     """Factory: the 12-slide generated cohort (two classes, 4 slides sharing patients, `holdout.svs` beside
-    `slides/`) linked into a folder, one symlink per file; returns its labels.csv. Generated once per session
-    (~10 s) for the end-to-end tests that build workspaces from it (test_pipeline, test_report); each gets its
-    own folder, so adding a file there never touches another's."""
-    source = tmp_path_factory.mktemp("demo_cohort")
-    labels = make_demo_cohort(source / "slides", n_slides=12, size=(1536, 2048), hotspots=3, seed=5)
+    `slides/`) linked into a folder, one symlink per file; returns its labels.csv. Generated once per run
+    (~10 s) for the end-to-end tests that build workspaces from it (test_report); each gets its own folder,
+    so adding a file there never touches another's."""
+    source = build_once("demo_cohort", lambda folder: make_demo_cohort(
+        folder / "slides", n_slides=12, size=(1536, 2048), hotspots=3, seed=5))
+    labels = source / "labels.csv"
 
     def link(root: Path) -> Path:
         for path in sorted(source.rglob("*")):
@@ -77,6 +115,24 @@ def demo_cohort(tmp_path_factory) -> Callable[[Path], Path]:
         return root / labels.relative_to(source)
 
     return link
+
+
+@pytest.fixture(scope="session")
+def small_cohort(build_once) -> Path:
+    """10 small labelled slides (1024 × 1536, `holdout.svs` beside `slides/`, labels.csv) patched at 20x and
+    encoded (ResNet18, random weights) in `ws/`: built once per run for the tests that train and predict on it
+    (test_pipeline, test_layout, test_external_validation). Tests write to a copy of `ws`."""
+    def make(folder: Path) -> None:
+        from wsi_pipeline.stages.extract import ExtractParams, extract
+        from wsi_pipeline.stages.inputs import resolve_inputs
+        from wsi_pipeline.stages.patch import patch
+
+        make_demo_cohort(folder / "slides", n_slides=10, size=(1024, 1536), hotspots=2, seed=3)
+        assert all(o.status == "done" for o in patch(resolve_inputs([folder / "slides"]), out=folder / "ws").outcomes)
+        assert all(o.status == "done" for o in extract(ExtractParams(weights="random", formats=("h5",)),
+                                                       out=folder / "ws").outcomes)
+
+    return build_once("small_cohort", make)
 
 
 @pytest.fixture(scope="session")

@@ -20,14 +20,12 @@ from sklearn.metrics import roc_auc_score
 
 from wsi_pipeline.errors import UserError
 from wsi_pipeline.stages.compare import CompareParams, compare
-from wsi_pipeline.stages.extract import ExtractParams, extract
 from wsi_pipeline.stages.inputs import resolve_inputs
-from wsi_pipeline.stages.patch import patch
 from wsi_pipeline.stages.predict import PredictParams, predict
 from wsi_pipeline.stages.predict.cohort import resolve_threshold
 from wsi_pipeline.stages.train import TrainParams, train
 from wsi_pipeline.testing.synthetic import make_demo_cohort
-from wsi_pipeline.workspace.layout import RunDir
+from wsi_pipeline.workspace.layout import Layout, RunDir
 
 WSIP = [sys.executable, "-m", "wsi_pipeline.cli"]
 
@@ -42,11 +40,12 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """A 10-slide training cohort with runs `a`, `b` (same splits) and `c` (other splits), and an external
-    cohort of 4 labelled slides (2 patients × 2 slides) plus one unlabelled slide."""
+def study(tmp_path_factory, small_cohort):
+    """A 10-slide training cohort (conftest's `small_cohort`, its workspace copied) with runs `a`, `b` (same
+    splits) and `c` (other splits), and an external cohort of 4 labelled slides (2 patients × 2 slides) plus one
+    unlabelled slide."""
     root = tmp_path_factory.mktemp("study")
-    labels = make_demo_cohort(root / "train" / "slides", n_slides=10, size=(1024, 1536), hotspots=2, seed=3)
+    labels = small_cohort / "labels.csv"
     ext_labels = make_demo_cohort(root / "ext" / "slides", n_slides=4, size=(1024, 1536), hotspots=2, seed=8)
     external = root / "external"
     external.mkdir()
@@ -57,9 +56,9 @@ def study(tmp_path_factory):
     (root / "ext_labels.csv").write_text("slide_id,label,case_id\n" + "".join(
         f"ext_{r['slide_id']},{r['label']},ext_{r['case_id']}\n" for r in rows))
     ws = root / "ws"
-    patch(resolve_inputs([root / "train" / "slides"]), out=ws)
-    features = extract(ExtractParams(weights="random", formats=("h5",)), out=ws)
-    base = {"data": {"features": str(features.out_dir), "labels": str(labels)},
+    shutil.copytree(small_cohort / "ws", ws)
+    [features] = Layout(ws).feature_sets()
+    base = {"data": {"features": str(features.dir), "labels": str(labels)},
             "splits": {"folds": 2, "val_fraction": 0.5}, "model": {"name": "abmil"},
             "optim": {"epochs": 2, "select_after": 0, "min_epochs": 0}, "device": "cpu", "out": str(ws)}
     results = {}
@@ -75,6 +74,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.e2e
 def test_train_records_pooled_out_of_fold_auc_with_ci_and_a_youden_threshold(study):
     _, ws, results = study
     run = ws / "runs" / "a"
@@ -92,6 +92,7 @@ def test_train_records_pooled_out_of_fold_auc_with_ci_and_a_youden_threshold(stu
     assert "Pooled out-of-fold AUC" in (run / "report.md").read_text()
 
 
+@pytest.mark.e2e
 def test_predict_with_labels_scores_the_cohort_like_scikit_learn(study):
     root, ws, _ = study
     result = predict(resolve_inputs([root / "external"]), PredictParams(run="a", labels=root / "ext_labels.csv",
@@ -114,6 +115,7 @@ def test_predict_with_labels_scores_the_cohort_like_scikit_learn(study):
     assert metrics["unlabelled"] == ["unlabelled"] and "NaN" not in (ws / "predictions/a/metrics.json").read_text()
 
 
+@pytest.mark.e2e
 def test_labels_in_a_slides_csv_and_the_youden_threshold(study, tmp_path):
     root, ws, results = study
     slides_csv = tmp_path / "slides.csv"
@@ -128,6 +130,7 @@ def test_labels_in_a_slides_csv_and_the_youden_threshold(study, tmp_path):
     assert result.cohort.evaluation["patient"]["n"] == 4  # one patient per slide here
 
 
+@pytest.mark.e2e
 def test_one_class_only_says_auc_undefined(study, tmp_path):
     root, ws, _ = study
     labels = tmp_path / "tumours.csv"
@@ -140,6 +143,7 @@ def test_one_class_only_says_auc_undefined(study, tmp_path):
     assert json.loads(text)["slide"]["metrics"]["auc"]["value"] is None and "NaN" not in text
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("rows", "expected"), [
     ("ext_demo_00,normal\nnot_given,tumour\n", "labels for slide(s) not being predicted: not_given"),
     ("ext_demo_00,benign\n", "label(s) 'benign' are not classes of the run (normal, tumour)"),
@@ -156,6 +160,7 @@ def test_bad_labels_are_refused_before_anything_is_written(study, tmp_path, rows
     assert digest(ws) == before
 
 
+@pytest.mark.e2e
 def test_a_bad_label_is_one_line_exit_2_from_the_cli(study, tmp_path):
     root, ws, _ = study
     labels = tmp_path / "labels.csv"
@@ -165,6 +170,7 @@ def test_a_bad_label_is_one_line_exit_2_from_the_cli(study, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
+@pytest.mark.e2e
 def test_compare_two_runs_on_the_same_splits_and_refuse_other_slides(study):
     root, ws, _ = study
     proc = run_cli("compare", "a", "b", "--on", "cv", "--out", ws)

@@ -8,8 +8,6 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,12 +26,6 @@ from wsi_pipeline.workspace import locks
 from wsi_pipeline.workspace.layout import Layout
 from wsi_pipeline.workspace.locks import OwnerLock
 
-WSIP = [sys.executable, "-m", "wsi_pipeline.cli"]
-
-
-def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*WSIP, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
-
 
 def tree_digest(root: Path, skip: str = "predictions") -> dict[str, str]:
     """sha256 of every file below `root` except under `skip/` (lock sidecars excluded)."""
@@ -42,14 +34,16 @@ def tree_digest(root: Path, skip: str = "predictions") -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """10 small slides, patched, encoded (random weights), an ABMIL run of 2 folds × 2 epochs."""
+def trained(tmp_path_factory, small_cohort):
+    """The shared small cohort (conftest: 10 slides, patched, encoded with random weights) beside a copy of its
+    workspace, and an ABMIL run of 2 folds × 2 epochs there."""
     root = tmp_path_factory.mktemp("layout")
-    labels = make_demo_cohort(root / "slides", n_slides=10, size=(1024, 1536), hotspots=2, seed=3)
+    for name in ("slides", "holdout.svs"):
+        (root / name).symlink_to(small_cohort / name)
     ws = root / "ws"
-    patch(resolve_inputs([root / "slides"]), out=ws)
-    features = extract(ExtractParams(weights="random", formats=("h5",)), out=ws)
-    cfg = {"name": "r", "data": {"features": str(features.out_dir), "labels": str(labels)},
+    shutil.copytree(small_cohort / "ws", ws)
+    [features] = Layout(ws).feature_sets()
+    cfg = {"name": "r", "data": {"features": str(features.dir), "labels": str(small_cohort / "labels.csv")},
            "splits": {"folds": 2, "val_fraction": 0.5}, "model": {"name": "abmil"},
            "optim": {"epochs": 2, "select_after": 0, "min_epochs": 0}, "device": "cpu", "out": str(ws)}
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
@@ -96,19 +90,19 @@ def test_predict_uses_the_runs_own_patch_config_and_feature_set(trained):
 
 
 @pytest.mark.e2e
-def test_a_workspace_used_from_another_folder(tmp_path):
+def test_a_workspace_used_from_another_folder(tmp_path, wsip):
     make_demo_cohort(tmp_path / "a" / "slides", n_slides=2, size=(768, 1024), hotspots=0, seed=9)
     (tmp_path / "b").mkdir()
-    first = run_cli("patch", "slides", "--out", "ws", "--quiet", cwd=tmp_path / "a")
+    first = wsip(["patch", "slides", "--out", "ws", "--quiet"], tmp_path / "a")
     assert first.returncode == 0, first.stderr
-    second = run_cli("extract", "--weights", "random", "--out", "../a/ws", "--quiet", cwd=tmp_path / "b")
+    second = wsip(["extract", "--weights", "random", "--out", "../a/ws", "--quiet"], tmp_path / "b")
     assert second.returncode == 0, second.stderr
     assert "Traceback" not in second.stderr
     assert len(list((tmp_path / "a/ws/features/20x_256px_0px/resnet18_random/h5_files").glob("*.h5"))) == 2
 
 
 @pytest.mark.e2e
-def test_a_truncated_slide_makes_its_features_unusable_for_training(tmp_path):
+def test_a_truncated_slide_makes_its_features_unusable_for_training(tmp_path, wsip):
     labels = make_demo_cohort(tmp_path / "slides", n_slides=4, size=(768, 1024), hotspots=1, seed=4)
     ws = tmp_path / "ws"
     sources = resolve_inputs([tmp_path / "slides"])
@@ -124,7 +118,7 @@ def test_a_truncated_slide_makes_its_features_unusable_for_training(tmp_path):
     with pytest.raises(ConfigError, match="demo_01") as err:
         train(TrainParams(tmp_path / "cfg.yaml"))
     assert "no longer match" in str(err.value) and "\n" not in str(err.value)
-    proc = run_cli("train", "--cfg", tmp_path / "cfg.yaml", "--quiet")
+    proc = wsip(["train", "--cfg", tmp_path / "cfg.yaml", "--quiet"], tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "demo_01" in proc.stderr
 
 
@@ -178,7 +172,7 @@ def test_the_slide_lock_is_refreshed_during_a_long_extraction(tmp_path, monkeypa
     ["train", "--cfg", "no_such.yaml"],
 ])
 @pytest.mark.e2e
-def test_every_command_reports_a_bad_name_in_one_line(args, trained, tmp_path):
+def test_every_command_reports_a_bad_name_in_one_line(args, trained, wsip, tmp_path):
     root, ws, _ = trained
     configs = {}
     for key, model in (("BADMODEL", {"name": "gmamba"}), ("BADOPTION", {"name": "abmil", "mask_ratio": 0.2})):
@@ -186,7 +180,7 @@ def test_every_command_reports_a_bad_name_in_one_line(args, trained, tmp_path):
         configs[key] = tmp_path / f"{key}.yaml"
         configs[key].write_text(yaml.safe_dump(cfg))
     args = [str(configs.get(a, root / "holdout.svs" if a == "SLIDE" else a)) for a in args]
-    proc = run_cli(*args, *(["--out", ws] if args[0] != "info" else []), cwd=tmp_path)
+    proc = wsip([*args, *(["--out", ws] if args[0] != "info" else [])], tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr

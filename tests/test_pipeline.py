@@ -4,31 +4,32 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
 import yaml
 
 from wsi_pipeline.errors import UserError
-from wsi_pipeline.stages.extract import ExtractParams, extract
-from wsi_pipeline.stages.inputs import SlideSource, resolve_inputs
-from wsi_pipeline.stages.patch import patch
+from wsi_pipeline.stages.inputs import SlideSource
 from wsi_pipeline.stages.predict import PredictParams, predict
 from wsi_pipeline.stages.train import TrainParams, train
 from wsi_pipeline.stages.train.metrics import classification_metrics
+from wsi_pipeline.workspace.layout import Layout
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, demo_cohort):
-    """12 slides in two classes (4 sharing patients), patched, encoded (random weights), trained 3-fold."""
+def trained(tmp_path_factory, small_cohort):
+    """10 slides in two classes (4 sharing patients), patched and encoded (random weights) once per run
+    (conftest's `small_cohort`), here a copy of that workspace and a GMMamba run trained 3-fold on it."""
     root = tmp_path_factory.mktemp("e2e")
-    labels = demo_cohort(root)
-    assert all(o.status == "done" for o in patch(resolve_inputs([root / "slides"]), out=root / "ws").outcomes)
-    features = extract(ExtractParams(weights="random", formats=("h5",)), out=root / "ws")
-    assert all(o.status == "done" for o in features.outcomes)
-    config = {"name": "e2e", "data": {"features": str(features.out_dir), "labels": str(labels)},
+    (root / "holdout.svs").symlink_to(small_cohort / "holdout.svs")
+    shutil.copytree(small_cohort / "ws", root / "ws")
+    [features] = Layout(root / "ws").feature_sets()
+    labels = small_cohort / "labels.csv"
+    config = {"name": "e2e", "data": {"features": str(features.dir), "labels": str(labels)},
               "splits": {"folds": 3, "val_fraction": 0.25, "seed": 42}, "model": {"name": "gmmamba"},
               "optim": {"epochs": 3, "select_after": 0, "patience": 2, "min_epochs": 1},
               "seed": 1, "device": "cpu", "out": str(root / "ws")}

@@ -71,9 +71,11 @@ for line in sys.stdin:
 
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment of a test's `wsip`: this very `wsi_pipeline` (whatever the folder), no inherited fault
-    variables or workspace, one torch thread (resumed and uninterrupted training then compute identically,
-    and nothing oversubscribes a small box)."""
-    env = {k: v for k, v in os.environ.items() if k not in (FAULT_AT_ENV, FAULT_LOG_ENV, "WSIP_OUT")}
+    variables, workspace or terminal size (pytest-xdist workers set COLUMNS=80, which would fix the width of
+    the fork server's consoles for every run), one torch thread (resumed and uninterrupted training then
+    compute identically, and nothing oversubscribes a small box)."""
+    inherited = (FAULT_AT_ENV, FAULT_LOG_ENV, "WSIP_OUT", "COLUMNS", "LINES")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
     path = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
     return {**env, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 

@@ -23,87 +23,26 @@ some inits, since its one critical instance is a background one until the instan
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import numpy as np
 import pytest
-import torch
-from sklearn.metrics import roc_auc_score
-
-from wsi_pipeline.models.mil import bag_loss, create_model
-
-DIM, GRID, SHIFT = 32, 48, 5.0
-N_TRAIN, N_TEST, EPOCHS, LR = 200, 60, 2, 1e-3
-
-
-class Bag(NamedTuple):
-    features: torch.Tensor
-    coords: torch.Tensor
-    label: int
-    n_shifted: int
-
+from support.mil_cohorts import DIM, N_TEST, Bag, clustered_cohort, train_and_auc
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 
-def _make_bag(rng: np.random.Generator, direction: np.ndarray, positive: bool) -> Bag:
-    n = int(rng.integers(200, 401))
-    cells = np.sort(rng.choice(GRID * GRID, size=n, replace=False))
-    coords = np.stack([cells % GRID, cells // GRID], axis=1) * 256
-    features = rng.normal(size=(n, DIM)).astype(np.float32)
-    n_shifted = int(rng.uniform(0.012, 0.02) * n) if positive else 0
-    centre = coords[rng.integers(n)]
-    cluster = np.argsort(((coords - centre) ** 2).sum(axis=1), kind="stable")[:n_shifted]
-    features[cluster] += SHIFT * direction
-    return Bag(torch.from_numpy(features), torch.from_numpy(coords), int(positive), n_shifted)
-
-
 @pytest.fixture(scope="module")
 def cohort() -> tuple[list[Bag], list[Bag]]:
-    rng = np.random.default_rng(0)
-    direction = rng.normal(size=DIM).astype(np.float32)
-    direction /= np.linalg.norm(direction)
-    bags = [_make_bag(rng, direction, positive=i % 2 == 1) for i in range(N_TRAIN + N_TEST)]
-    return bags[:N_TRAIN], bags[N_TRAIN:]
-
-
-def _train_and_auc(
-    name: str, cohort: tuple[list[Bag], list[Bag]], *, epochs: int = EPOCHS, **opts: object
-) -> float:
-    """Adam, one bag per step, the model's training loss; held-out ROC-AUC. Groups are computed once per
-    bag, as the trainer caches."""
-    train, test = cohort
-    torch.manual_seed(0)
-    model = create_model(name, in_dim=DIM, n_classes=2, **opts)
-    groups = [model.make_groups(None, bag.coords.numpy()) for bag in train + test]
-    optimiser = torch.optim.Adam(model.parameters(), lr=LR)
-    order = np.random.default_rng(1)
-    model.train()
-    for _ in range(epochs):
-        for i in order.permutation(len(train)):
-            logits, _ = model(train[i].features, train[i].coords, groups[i])
-            loss = bag_loss(model, logits, torch.tensor([train[i].label]))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    model.eval()
-    with torch.no_grad():
-        scores = [
-            torch.softmax(model(bag.features, bag.coords, groups[len(train) + j])[0], dim=-1)[0, 1].item()
-            for j, bag in enumerate(test)
-        ]
-    return float(roc_auc_score([bag.label for bag in test], scores))
+    return clustered_cohort()
 
 
 @pytest.fixture(scope="module")
 def aucs(cohort: tuple[list[Bag], list[Bag]]) -> dict[str, float]:
     results = {
-        "gmmamba": _train_and_auc("gmmamba", cohort, d_model=DIM),
-        "abmil": _train_and_auc("abmil", cohort),
-        "mean": _train_and_auc("mean", cohort),
-        "acmil": _train_and_auc("acmil", cohort, hidden_dim=64),
-        "clam_sb": _train_and_auc("clam_sb", cohort),
-        "dsmil": _train_and_auc("dsmil", cohort, epochs=4, binary_single_output=False),
+        "gmmamba": train_and_auc("gmmamba", cohort, d_model=DIM),
+        "abmil": train_and_auc("abmil", cohort),
+        "mean": train_and_auc("mean", cohort),
+        "acmil": train_and_auc("acmil", cohort, hidden_dim=64),
+        "clam_sb": train_and_auc("clam_sb", cohort),
+        "dsmil": train_and_auc("dsmil", cohort, epochs=4, binary_single_output=False),
     }
     print("held-out AUC:", {name: round(auc, 3) for name, auc in results.items()})
     return results
@@ -130,52 +69,6 @@ def test_paper_baselines_learn(aucs: dict[str, float], name: str) -> None:
     assert aucs[name] >= 0.9
 
 
-# BMP's max pooling passes gradient through one instance per dimension, so it learns more slowly: 4 epochs
-# (held-out AUC 0.98; 0.69 after 2).
-ABLATIONS = {"bmp": ({"use_imm": False}, 4), "no_css": ({"use_css": False}, EPOCHS),
-             "cmax": ({"css_variant": "cmax"}, EPOCHS), "xq": ({"css_variant": "q"}, EPOCHS),
-             "cca": ({"css_variant": "cca"}, EPOCHS), "cmha": ({"css_variant": "cmha"}, EPOCHS)}
-# Not here: CCA×Q (held-out AUC 0.66 after 2 epochs: its G tokens are one vector at G scales) and CMHA×Q (0.86).
-
-
-@pytest.mark.parametrize("ablation", ABLATIONS)
-def test_gmmamba_ablations_learn(cohort: tuple[list[Bag], list[Bag]], ablation: str) -> None:
-    """Each ablation switch of the paper's tables trains into a working model (docs/gmmamba.md §15); without the
-    instance path, so the ablated group path itself has to learn."""
-    options, epochs = ABLATIONS[ablation]
-    assert _train_and_auc("gmmamba", cohort, d_model=DIM, epochs=epochs, instance_path=False, **options) >= 0.85
-
-
 def test_mean_pooling_is_clearly_worse(aucs: dict[str, float]) -> None:
     assert aucs["mean"] <= aucs["gmmamba"] - 0.15
     assert aucs["mean"] <= aucs["abmil"] - 0.15
-
-
-# Focal signal: SIX positive instances scattered at random over each positive bag (no spatial cluster), 160
-# training bags. ABMIL and the recommended GMMamba reach held-out AUC 1.00; GMMamba without its instance path
-# (the default before docs/gmmamba.md §16) stays at 0.68: a lone positive patch has to win two attention stages
-# (inside its group, then across groups) that it does not learn before the bags are fitted.
-N_FOCAL_TRAIN, FOCAL_POSITIVES = 160, 6
-
-
-@pytest.fixture(scope="module")
-def focal_cohort() -> tuple[list[Bag], list[Bag]]:
-    rng = np.random.default_rng(0)
-    direction = rng.normal(size=DIM).astype(np.float32)
-    direction /= np.linalg.norm(direction)
-    bags = []
-    for i in range(N_FOCAL_TRAIN + N_TEST):
-        n = int(rng.integers(200, 401))
-        cells = np.sort(rng.choice(GRID * GRID, size=n, replace=False))
-        coords = np.stack([cells % GRID, cells // GRID], axis=1) * 256
-        features = rng.normal(size=(n, DIM)).astype(np.float32)
-        count = FOCAL_POSITIVES if i % 2 else 0
-        features[rng.choice(n, count, replace=False)] += SHIFT * direction
-        bags.append(Bag(torch.from_numpy(features), torch.from_numpy(coords), i % 2, count))
-    return bags[:N_FOCAL_TRAIN], bags[N_FOCAL_TRAIN:]
-
-
-def test_gmmamba_finds_dispersed_single_positives(focal_cohort: tuple[list[Bag], list[Bag]]) -> None:
-    """The recommended GMMamba learns a focal signal the group path alone misses (docs/gmmamba.md §16)."""
-    assert _train_and_auc("gmmamba", focal_cohort, d_model=DIM) >= 0.95
-    assert _train_and_auc("gmmamba", focal_cohort, d_model=DIM, instance_path=False) <= 0.8

@@ -45,8 +45,7 @@ Architecture options and the quirks they keep (values of the released preset, re
 - ``instance_loss_weight=0.0``: deep supervision of the instance path: in training the loss is
   CE(output logits) + weight · CE(instance-path logits) (`training_loss`). 0 without ``instance_path``;
   inference is unchanged. Measured, not in a preset (§16).
-- ``instance_fusion="sum"``: how the two paths' logits make the output: ``"sum"``, ``"mean"``, or ``"gate"``
-  (instance logits + γ · group logits, γ a learned scalar that starts at 0). Measured in §16.
+- ``instance_fusion="sum"``: how the two paths' logits make the output: ``"sum"`` or ``"mean"`` (measured, §16).
 - ``batch_groups=True``: run IMM on all groups as one padded batch (`IMM.forward_batch`; the same outputs as
   the released per-group loop up to float rounding, ~1e-7, and 1.5–2× faster for small groups); False loops.
 
@@ -73,7 +72,7 @@ from wsi_pipeline.models.mil.registry import check_choice, pop_forward_state, re
 from wsi_pipeline.models.ssm.bimamba import BiMamba, xavier_reinit_
 
 MaskMode = Literal["scores", "scores_train", "random_train"]
-Fusion = Literal["sum", "mean", "gate"]
+Fusion = Literal["sum", "mean"]
 
 # What each preset sets; an option passed explicitly (not None) overrides it. The evidence for the
 # recommended values is in docs/gmmamba.md §14 and benchmarks/bench_quality.py.
@@ -301,8 +300,6 @@ class GMMamba(nn.Module):
         # a module only when asked: the released model's parameters and init RNG use stay as they were
         self.feature_dropout = nn.Dropout(opt["feature_dropout"]) if opt["feature_dropout"] > 0 else None
         self.instance_path = self._make_instance_path(in_dim, d_model, n_classes) if opt["instance_path"] else None
-        # ReZero-style gate on the group path's logits (instance_fusion "gate"): starts at 0
-        self.group_gate = nn.Parameter(torch.zeros(())) if opt["instance_fusion"] == "gate" else None
         self._forward_state: torch.Tensor | None = None  # train-mode instance-path logits, for training_loss
 
     def _make_instance_path(self, in_dim: int, d_model: int, n_classes: int) -> InstancePath:
@@ -371,8 +368,6 @@ class GMMamba(nn.Module):
 
     def _fuse(self, group_logits: torch.Tensor, instance_logits: torch.Tensor) -> torch.Tensor:
         """The output logits from both paths' (``instance_fusion``, §16)."""
-        if self.group_gate is not None:
-            return instance_logits + self.group_gate * group_logits
         logits = group_logits + instance_logits
         return logits / 2 if self.options["instance_fusion"] == "mean" else logits
 

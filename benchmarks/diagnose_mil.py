@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def cohort(task: str, n_bags: int) -> list[tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
-    """[(features, coords, label, positive mask)] with the instance-level truth."""
+def cohort(task: str, n_bags: int, shift: float | None = None) -> list[tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
+    """[(features, coords, label, positive mask)] with the instance-level truth; `shift`: the signal strength."""
     if task == "e":
         return focal_cohort()
     from wsi_pipeline.testing.synthetic_bags import CohortParams, make_cohort
 
-    bags = make_cohort(task, n_bags, seed=0, params=CohortParams(min_instances=100, max_instances=300))
+    params = CohortParams(min_instances=100, max_instances=300)
+    bags = make_cohort(task, n_bags, seed=0, params=params if shift is None else replace(params, shift=shift))
     return [(b.features, b.coords, b.label, b.positive) for b in bags]
 
 
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="gmmamba", help="name[:option=value...], as bench_quality.py")
     parser.add_argument("--bags", type=int, default=80)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--shift", type=float, default=None, help="signal strength (default: CohortParams.shift)")
     parser.add_argument("--out", type=Path, default=Path("docs/figures"))
     args = parser.parse_args(argv)
     from bench_quality import parse_spec
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(2021)
     name, options, _ = parse_spec(args.model)
-    bags = cohort(args.task, args.bags)
+    bags = cohort(args.task, args.bags, args.shift)
     train, test = bags[: len(bags) // 2], bags[len(bags) // 2:]
     model = create_model(name, in_dim=bags[0][0].shape[1], n_classes=2, **options)
     groups = [model.make_groups(f, c) for f, c, _, _ in bags]
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
                **evaluate(model, name, test, g_test, mean, std)}
         curves.append(row)
         print(json.dumps({k: round(v, 3) for k, v in row.items()}), flush=True)
-    tag = f"{args.task}_{args.model.replace(':', '_').replace('=', '-')}"
+    tag = f"{args.task}{f'_shift{args.shift:g}' if args.shift else ''}_{args.model.replace(':', '_').replace('=', '-')}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"diagnose_{tag}.json").write_text(json.dumps(curves, indent=1))
     plot(curves, args.out / f"diagnose_{tag}.png", f"{args.model} on task ({args.task})")

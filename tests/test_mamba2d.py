@@ -23,7 +23,9 @@ STEP = 512  # level-0 px per patch in the generated cohorts
 
 
 def small(seed: int = 0, **options) -> torch.nn.Module:
+    """The released model (unless `preset` says otherwise), narrow."""
     torch.manual_seed(seed)
+    options = {"preset": "released", **options}
     return create_model("2dmamba", in_dim=6, n_classes=3, d_model=8, d_state=4, **options).eval()
 
 
@@ -52,12 +54,12 @@ def test_parameter_count_equals_the_released_model():
     (the same totals as instantiating the released module on CPU).
     """
     for in_dim, expected in ((512, 199_555), (1024, 265_091)):
-        model = create_model("2dmamba", in_dim=in_dim, n_classes=2)
+        model = create_model("2dmamba", in_dim=in_dim, n_classes=2, preset="released")
         assert sum(p.numel() for p in model.parameters()) == expected == 128 * in_dim + 134_019
 
 
 def test_layers_and_init_are_the_released_ones():
-    model = create_model("2dmamba", in_dim=512, n_classes=2)
+    model = create_model("2dmamba", in_dim=512, n_classes=2, preset="released")
     block = model.mambas[0]
     assert len(model.mambas) == 1 and isinstance(model.norms[0], torch.nn.RMSNorm) and model.norms[0].eps == 1e-5
     assert block.in_proj.weight.shape == (512, 128) and block.out_proj.weight.shape == (128, 256)
@@ -67,7 +69,7 @@ def test_layers_and_init_are_the_released_ones():
     assert torch.equal(block.ssm.A_log, torch.log(torch.arange(1.0, 17.0)).expand(256, 16))
     assert torch.equal(block.ssm.D, torch.ones(256)) and torch.equal(model.norm.weight, torch.ones(128))
     assert model.pad_token.requires_grad and model.pad_token.min() >= 0 and model.pad_token.max() < 1
-    frozen = create_model("2dmamba", in_dim=512, n_classes=2, pad_token="zero")
+    frozen = create_model("2dmamba", in_dim=512, n_classes=2, pad_token="zero", preset="released")
     assert not frozen.pad_token.requires_grad and torch.equal(frozen.pad_token, torch.zeros(128))
 
 
@@ -173,8 +175,9 @@ def test_crop_ignores_where_the_tissue_sits_and_released_does_not():
 
 def test_cohort_fixes_the_released_extent_unless_given():
     slides = [lattice([(0, 4), (2, 1)]).numpy(), lattice([(9, 0), (9, 1)], step=256).numpy()]  # a 40x scan
-    assert small().cohort_options(slides) == {"grid_size": [10, 5]}
-    assert small(grid_size=(9, 9)).cohort_options(slides) == {} == small(grid="crop").cohort_options(slides)
+    pinned = {"preset": "released", "instance_path": False, "instance_dim": 0}  # and the resolved preset, always
+    assert small().cohort_options(slides) == {**pinned, "grid_size": [10, 5]}
+    assert small(grid_size=(9, 9)).cohort_options(slides) == pinned == small(grid="crop").cohort_options(slides)
     assert small().group_cache_key == "cells_step" and small(cell_size=256).group_cache_key == "cells_256px"
 
 
@@ -193,19 +196,36 @@ def test_every_parameter_learns_and_the_zero_pad_stays_zero():
     assert frozen.pad_token.grad is None
 
 
-def test_instance_path_adds_its_logits_and_shares_the_attention():
-    """`instance_path: true` (opt-in, docs/mamba2d.md §6): gated attention over the patch embeddings with its own
-    head, added to the released logits; the released parameters are initialised as without it."""
+@pytest.mark.parametrize("instance_dim", [0, 16])
+def test_instance_path_adds_its_logits_and_shares_the_attention(instance_dim):
+    """`instance_path: true` (docs/mamba2d.md §6): gated attention over the patches, on their 8-d embedding or
+    with its own `instance_dim`-wide one of the input features, with its own head, added to the released logits;
+    the released parameters are initialised as without it."""
     cells = [(0, 1), (1, 0), (1, 2), (3, 3), (2, 2)]
     features, coords = torch.randn(5, 6), lattice(cells)
-    base, with_path = small(), small(instance_path=True)
+    base, with_path = small(), small(instance_path=True, instance_dim=instance_dim)
     for name, p in base.named_parameters():
         assert torch.equal(p, dict(with_path.named_parameters())[name]), name
     logits, attention = with_path(features, coords)
-    instance_logits, beta = with_path.instance_path(with_path.embed(features))
+    instance_logits, beta = with_path.instance_path(features if instance_dim else with_path.embed(features))
     base_logits, base_attention = base(features, coords)
     torch.testing.assert_close(logits, base_logits + instance_logits)
     torch.testing.assert_close(attention, (base_attention + beta) / 2)
+
+
+def test_recommended_preset_adds_the_wide_instance_path_and_pins_itself():
+    """The default (`preset: recommended`, docs/mamba2d.md §6) is the released model plus a 512-d instance path;
+    the trainer records the resolved preset with the run (`cohort_options`), so a checkpoint rebuilds the same
+    model after a preset changes."""
+    recommended, released = small(preset="recommended"), small()
+    extra = sum(p.numel() for p in recommended.parameters()) - sum(p.numel() for p in released.parameters())
+    assert extra == (6 * 512 + 512) + 2 * (512 * 128 + 128) + (128 + 1) + (512 * 3 + 3)
+    coords = [lattice([(0, 0), (1, 2)]).numpy()]
+    pinned = recommended.cohort_options(coords)
+    assert {k: pinned[k] for k in ("preset", "instance_path", "instance_dim")} == {
+        "preset": "recommended", "instance_path": True, "instance_dim": 512}
+    rebuilt = create_model("2dmamba", in_dim=6, n_classes=3, d_model=8, d_state=4, **pinned)
+    rebuilt.load_state_dict(recommended.state_dict())  # strict: the same parameters
 
 
 def test_bad_options_are_refused():
@@ -290,7 +310,8 @@ def test_wsip_train_runs_kfold_records_the_cohort_grid_and_resumes(tmp_path):
     extent = list(cohort_extent([place_cells(c) for _, c, _ in bags]))
     assert extent[0] > 10 or extent[1] > 10  # slides sit at different offsets: the cohort's extent is their union
     best = torch.load(reference.run_dir / "fold_0" / "best.pt", weights_only=True)
-    assert best["meta"]["model"]["options"] == {"d_model": 8, "d_state": 4, "grid_size": extent}
+    pinned = {"preset": "recommended", "instance_path": True, "instance_dim": 512}  # the preset as resolved today
+    assert best["meta"]["model"]["options"] == {"d_model": 8, "d_state": 4, **pinned, "grid_size": extent}
     assert yaml.safe_load((reference.run_dir / "config.yaml").read_text())["model"] == model  # the config as written
     cached = np.load(reference.run_dir / "groups" / "cells_step" / "slide-03.npz")
     rows_cols = np.split(cached["indices"], cached["offsets"][1:-1])

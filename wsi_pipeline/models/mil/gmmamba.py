@@ -35,14 +35,16 @@ Architecture options and the quirks they keep (values of the released preset, re
   (residual BiMamba + max pooling per group); ``use_css=False`` feeds the group vectors to the class token
   without CSS; ``css_variant`` "cmax" / "q" / "cca" / "cca_q" / "cmha" / "cmha_q" give the CSS table's rows
   (css.py; "full": Eq 12).
-- ``instance_path=False`` (recommended: True): gated attention pooling of the projected instances straight to
-  logits (`pooling.InstancePath`), added to the class token's logits; the per-instance attention is then the mean
-  of both paths' weights. A lone positive patch reaches the output without first being pooled into a group vector
-  through two attention stages, which the group path does not learn on focal signals (docs/gmmamba.md §16).
+- ``instance_path=False`` (recommended: True): gated attention pooling of the instances straight to logits
+  (`pooling.InstancePath`), added to the class token's logits; the per-instance attention is then the mean of both
+  paths' weights. A lone positive patch reaches the output without first being pooled into a group vector through
+  two attention stages, which the group path does not learn on focal signals (docs/gmmamba.md §16).
+- ``instance_dim=0`` (recommended: 512): the instance path's own ``Linear(D, instance_dim) + ReLU + Dropout``
+  embedding of the input features, as ABMIL's; 0 reads the shared 128-d projection, which learns a lone positive
+  too slowly to be found within a small cohort's training (§16).
 - ``instance_loss_weight=0.0``: deep supervision of the instance path: in training the loss is
-  CE(output logits) + weight · CE(instance-path logits) (`training_loss`), so the instance path keeps a gradient
-  after the group path has fitted the training bags. 0 without ``instance_path``; inference is unchanged. Not in
-  a preset: on task (b) it did not close the gap to ABMIL (§16).
+  CE(output logits) + weight · CE(instance-path logits) (`training_loss`). 0 without ``instance_path``;
+  inference is unchanged. Measured, not in a preset (§16).
 - ``instance_fusion="sum"``: how the two paths' logits make the output: ``"sum"`` or ``"mean"`` (measured, §16).
 - ``batch_groups=True``: run IMM on all groups as one padded batch (`IMM.forward_batch`; the same outputs as
   the released per-group loop up to float rounding, ~1e-7, and 1.5–2× faster for small groups); False loops.
@@ -77,11 +79,11 @@ Fusion = Literal["sum", "mean"]
 PRESETS: dict[str, dict[str, Any]] = {
     "released": {"d_model": 512, "mask_ratio": 0.2, "min_one_masked": True, "learnable_mask": False,
                  "mask_mode": "scores", "mamba_native_init": False, "css_association": "dot",
-                 "feature_dropout": 0.0, "instance_path": False, "instance_loss_weight": 0.0,
-                 "instance_fusion": "sum", "standardize": False},
+                 "feature_dropout": 0.0, "instance_path": False, "instance_dim": 0,
+                 "instance_loss_weight": 0.0, "instance_fusion": "sum", "standardize": False},
 }
 PRESETS["recommended"] = {**PRESETS["released"], "d_model": 128, "css_association": "attention",
-                          "instance_path": True, "standardize": True}
+                          "instance_path": True, "instance_dim": 512, "standardize": True}
 
 
 def mask_count(m: int, mask_ratio: float, *, min_one_masked: bool = True) -> int:
@@ -262,7 +264,7 @@ class GMMamba(nn.Module):
         mask_ratio: float | None = None, min_one_masked: bool | None = None, learnable_mask: bool | None = None,
         mask_mode: MaskMode | None = None, mamba_native_init: bool | None = None,
         css_association: CssAssociation | None = None, feature_dropout: float | None = None,
-        instance_path: bool | None = None, instance_loss_weight: float | None = None,
+        instance_path: bool | None = None, instance_dim: int | None = None, instance_loss_weight: float | None = None,
         instance_fusion: Fusion | None = None, use_imm: bool = True, use_css: bool = True,
         css_variant: CssVariant = "full", cls_layers: int = 1,
         d_state: int = 16, d_conv: int = 4, expand: int = 2, batch_groups: bool = True,
@@ -272,8 +274,10 @@ class GMMamba(nn.Module):
         given = {"d_model": d_model, "mask_ratio": mask_ratio, "min_one_masked": min_one_masked,
                  "learnable_mask": learnable_mask, "mask_mode": mask_mode, "mamba_native_init": mamba_native_init,
                  "css_association": css_association, "feature_dropout": feature_dropout,
-                 "instance_path": instance_path, "instance_loss_weight": instance_loss_weight,
+                 "instance_path": instance_path, "instance_dim": instance_dim,
+                 "instance_loss_weight": instance_loss_weight,
                  "instance_fusion": instance_fusion}
+        self.preset = preset
         self.options = opt = {k: PRESETS[preset][k] if v is None else v for k, v in given.items()}
         d_model = opt["d_model"]
         check_choice("instance_fusion", opt["instance_fusion"], Fusion)
@@ -295,8 +299,13 @@ class GMMamba(nn.Module):
         self.head = nn.Linear(d_model, n_classes)
         # a module only when asked: the released model's parameters and init RNG use stay as they were
         self.feature_dropout = nn.Dropout(opt["feature_dropout"]) if opt["feature_dropout"] > 0 else None
-        self.instance_path = InstancePath(d_model, n_classes) if opt["instance_path"] else None
+        self.instance_path = self._make_instance_path(in_dim, d_model, n_classes) if opt["instance_path"] else None
         self._forward_state: torch.Tensor | None = None  # train-mode instance-path logits, for training_loss
+
+    def _make_instance_path(self, in_dim: int, d_model: int, n_classes: int) -> InstancePath:
+        """Its own embedding of the input features when ``instance_dim`` > 0, else the shared projection's."""
+        width = self.options["instance_dim"]
+        return InstancePath(in_dim, n_classes, embed_dim=width) if width else InstancePath(d_model, n_classes)
 
     def _init_imm(self, mamba_native_init: bool) -> None:
         """§7: the reference re-inits all of IMM (its unused ``_fc1``, our projection, included)."""
@@ -308,6 +317,11 @@ class GMMamba(nn.Module):
             parts = [imm]
         for part in [*parts, self.proj]:
             xavier_reinit_(part)
+
+    def cohort_options(self, coords: list[np.ndarray]) -> dict[str, Any]:
+        """The preset's resolved values, pinned into the run's options (and so its checkpoints): a later change
+        of what a preset means (§14, §16) leaves a trained run's model as it was built."""
+        return {"preset": self.preset, **self.options}
 
     def make_groups(self, features: np.ndarray | None, coords: np.ndarray) -> list[np.ndarray]:
         """LG groups for one slide (§2); deterministic, so callers cache them under ``group_cache_key``.
@@ -347,11 +361,15 @@ class GMMamba(nn.Module):
         attn = weights.new_zeros(features.shape[0]).index_copy(0, torch.cat(index), weights)
         if self.instance_path is None:
             return self.head(self.aggregator(sampled))[None], attn
-        instance_logits, beta = self.instance_path(x)
+        instance_logits, beta = self.instance_path(features if self.options["instance_dim"] else x)
         supervised = self.training and self.options["instance_loss_weight"] > 0
         self._forward_state = instance_logits if supervised else None
-        logits = self.head(self.aggregator(sampled))[None] + instance_logits
-        return (logits / 2 if self.options["instance_fusion"] == "mean" else logits), (attn + beta) / 2
+        return self._fuse(self.head(self.aggregator(sampled))[None], instance_logits), (attn + beta) / 2
+
+    def _fuse(self, group_logits: torch.Tensor, instance_logits: torch.Tensor) -> torch.Tensor:
+        """The output logits from both paths' (``instance_fusion``, §16)."""
+        logits = group_logits + instance_logits
+        return logits / 2 if self.options["instance_fusion"] == "mean" else logits
 
     def training_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Bag cross-entropy, plus the instance path's own (deep supervision, §16) when its weight is > 0:

@@ -5,13 +5,20 @@ empty cell holding a pad token; ``n_layers=1`` residual block ``h + Mamba2D(RMSN
 grid in 2-D; LayerNorm; non-gated attention pooling (128 -> 128 tanh -> 1) over *all* cells, pad cells
 included, as released; ``Linear(128, C)``. Xavier-normal re-init of every Linear afterwards (dt bias -> 0).
 
-Options (defaults = the released model):
+``preset``: ``"recommended"`` (the default) adds the instance path below with its own 512-d embedding, measured on
+the focal and small-cohort tasks of the quality benchmark (docs/mamba2d.md §6); ``"released"`` is the published
+model, parameter for parameter. Options left None take the preset's values.
+
+Options (defaults of the released model):
 - ``grid="released"``: each slide on a grid from its origin with the fixed extent ``grid_size=(H, W)`` cells.
   Left unset, `wsip train` fixes it from the cohort (``cohort_options``, the released per-dataset extent) and
   records it with the model; used on its own, the model sizes each slide to its last row and column.
   ``grid="crop"``: each slide's bounding box only (fewer pad cells: cheaper, not equivalent).
 - ``cell_size``: level-0 px per cell; unset: each slide's patch step, read from its coords (cellgrid.py).
 - ``pad_token="trainable"`` (initialised U[0, 1)); ``"zero"``: a frozen zero vector.
+- ``instance_path`` (recommended: True): ABMIL's gated attention pooling of the patches straight to logits, added
+  to the grid path's (`pooling.InstancePath`); ``instance_dim`` (recommended: 512) gives it its own
+  ``Linear(D, instance_dim) + ReLU`` embedding of the input features, 0 reads the 128-d patch embedding.
 
 The instance "groups" of the model contract are the grid placement, ``[rows, cols]`` (cell per patch), so
 the trainer caches them per slide under ``group_cache_key``. Per-patch attention (heatmaps) is the pooling
@@ -35,9 +42,14 @@ from wsi_pipeline.models.mil.pooling import (
     check_bag,
     instance_embedding,
 )
-from wsi_pipeline.models.mil.registry import register_model
+from wsi_pipeline.models.mil.registry import check_choice, register_model
 from wsi_pipeline.models.ssm.bimamba import xavier_reinit_
 from wsi_pipeline.models.ssm.mamba2d import Mamba2D
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "released": {"instance_path": False, "instance_dim": 0},
+    "recommended": {"instance_path": True, "instance_dim": 512},
+}
 
 
 @register_model("2dmamba")
@@ -46,9 +58,15 @@ class Mamba2DMIL(nn.Module):
         self, in_dim: int, n_classes: int, *, d_model: int = 128, n_layers: int = 1, dropout: float = 0.25,
         d_state: int = 16, d_conv: int = 4, expand: int = 2, pad_token: Literal["trainable", "zero"] = "trainable",
         grid: Literal["released", "crop"] = "released", grid_size: Sequence[int] | None = None,
-        cell_size: int | None = None, instance_path: bool = False,
+        cell_size: int | None = None, preset: str = "recommended", instance_path: bool | None = None,
+        instance_dim: int | None = None,
     ) -> None:
         super().__init__()
+        check_choice("preset", preset, tuple(PRESETS))
+        given = {"instance_path": instance_path, "instance_dim": instance_dim}
+        self.preset = preset
+        self.options = {k: PRESETS[preset][k] if v is None else v for k, v in given.items()}
+        instance_path, instance_dim = self.options["instance_path"], self.options["instance_dim"]
         _check_options(pad_token, grid, grid_size, cell_size)
         self.grid, self.cell_size = grid, cell_size
         self.grid_size = None if grid_size is None else (int(grid_size[0]), int(grid_size[1]))
@@ -66,17 +84,21 @@ class Mamba2DMIL(nn.Module):
         self.classifier = nn.Linear(d_model, n_classes)
         xavier_reinit_(self)
         # made after the re-init: the released parameters' values and RNG use stay as they were
-        self.instance_path = InstancePath(d_model, n_classes) if instance_path else None
+        self.instance_dim = instance_dim
+        self.instance_path = (InstancePath(in_dim, n_classes, embed_dim=instance_dim) if instance_dim
+                              else InstancePath(d_model, n_classes)) if instance_path else None
 
     def make_groups(self, features: np.ndarray | None, coords: np.ndarray) -> list[np.ndarray]:
         """The grid placement ``[rows, cols]`` of one slide's patches; deterministic, so cached by the trainer."""
         return list(place_cells(coords, self.cell_size))
 
     def cohort_options(self, coords: Sequence[np.ndarray]) -> dict[str, Any]:
-        """The released grid's extent for a cohort (every slide's cells from the origin), unless already set."""
+        """The preset's values, and the released grid's extent for a cohort (every slide's cells from the origin)
+        unless already set."""
+        pinned = {"preset": self.preset, **self.options}  # a later change of a preset leaves this run's model as is
         if self.grid != "released" or self.grid_size is not None:
-            return {}
-        return {"grid_size": list(cohort_extent([place_cells(c, self.cell_size) for c in coords]))}
+            return pinned
+        return {**pinned, "grid_size": list(cohort_extent([place_cells(c, self.cell_size) for c in coords]))}
 
     def forward(
         self, features: torch.Tensor, coords: torch.Tensor, groups: Sequence[Any] | None = None
@@ -96,7 +118,7 @@ class Mamba2DMIL(nn.Module):
         bag, alpha = attention_pool(h, self.attention(h))
         if self.instance_path is None:
             return self.classifier(bag)[None], alpha[cell]
-        instance_logits, beta = self.instance_path(x)
+        instance_logits, beta = self.instance_path(features if self.instance_dim else x)
         return self.classifier(bag)[None] + instance_logits, (alpha[cell] + beta) / 2
 
 

@@ -50,17 +50,22 @@ class GatedAttentionScorer(nn.Module):
 
 
 class InstancePath(nn.Module):
-    """Gated attention pooling of a model's own instance embeddings straight to class logits, beside its
-    sequence path: a lone positive patch reaches the output without being mixed into its neighbours by a scan
-    or diluted in a group vector first (docs/gmmamba.md §16). ABMIL's pooling and head, on the model's width."""
+    """Gated attention pooling of the instances straight to class logits, beside a model's sequence path: a lone
+    positive patch reaches the output without being mixed into its neighbours by a scan or diluted in a group
+    vector first (docs/gmmamba.md §16). ABMIL's pooling and head; with ``embed_dim`` also ABMIL's own embedding
+    (``Linear(in_dim, embed_dim) + ReLU + Dropout(0.25)``) of the model's input features, else it reads the
+    model's own ``in_dim``-wide instance embeddings as they are."""
 
-    def __init__(self, dim: int, n_classes: int, hidden: int = 128) -> None:
+    def __init__(self, in_dim: int, n_classes: int, *, embed_dim: int | None = None, hidden: int = 128) -> None:
         super().__init__()
+        self.embed = instance_embedding(in_dim, embed_dim, act="relu", dropout=0.25) if embed_dim else nn.Identity()
+        dim = embed_dim or in_dim
         self.scorer = GatedAttentionScorer(dim, hidden)
         self.head = nn.Linear(dim, n_classes)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M, dim) -> logits (1, C) and attention (M,) summing to 1."""
+        """(M, in_dim) -> logits (1, C) and attention (M,) summing to 1."""
+        h = self.embed(h)
         bag, alpha = attention_pool(h, self.scorer(h))
         return self.head(bag)[None], alpha
 

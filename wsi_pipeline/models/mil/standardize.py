@@ -56,11 +56,11 @@ class StandardizedInput(nn.Module):
 
 def preset_standardize(name: str, options: Mapping[str, Any]) -> bool:
     """`data.standardize` when a config leaves it out: what model `name`'s preset says (GMMamba: off for
-    `preset: released`, on for `recommended`, docs/gmmamba.md §14); on for the models without presets.
+    `preset: released`, on for `recommended`, docs/gmmamba.md §14); on for every other model (2DMamba: both presets).
 
     An unknown preset answers True here; building the model then reports it as one line.
     """
-    if name != "gmmamba":  # the only model with presets
+    if name != "gmmamba":  # the only model whose presets differ on standardisation
         return True
     import inspect
 

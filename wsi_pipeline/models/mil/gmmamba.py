@@ -67,7 +67,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from wsi_pipeline.models.mil.css import CrossGroupSampling, CssAssociation, CssVariant
 from wsi_pipeline.models.mil.grouping import Grouping, group_cache_key, make_groups
-from wsi_pipeline.models.mil.pooling import AttentionScorer, InstancePath, attention_pool, check_bag
+from wsi_pipeline.models.mil.pooling import AttentionScorer, attention_pool, check_bag, make_instance_path
 from wsi_pipeline.models.mil.registry import check_choice, pop_forward_state, register_model
 from wsi_pipeline.models.ssm.bimamba import BiMamba, xavier_reinit_
 
@@ -299,13 +299,9 @@ class GMMamba(nn.Module):
         self.head = nn.Linear(d_model, n_classes)
         # a module only when asked: the released model's parameters and init RNG use stay as they were
         self.feature_dropout = nn.Dropout(opt["feature_dropout"]) if opt["feature_dropout"] > 0 else None
-        self.instance_path = self._make_instance_path(in_dim, d_model, n_classes) if opt["instance_path"] else None
+        self.instance_path = (make_instance_path(in_dim, d_model, n_classes, opt["instance_dim"])
+                              if opt["instance_path"] else None)
         self._forward_state: torch.Tensor | None = None  # train-mode instance-path logits, for training_loss
-
-    def _make_instance_path(self, in_dim: int, d_model: int, n_classes: int) -> InstancePath:
-        """Its own embedding of the input features when ``instance_dim`` > 0, else the shared projection's."""
-        width = self.options["instance_dim"]
-        return InstancePath(in_dim, n_classes, embed_dim=width) if width else InstancePath(d_model, n_classes)
 
     def _init_imm(self, mamba_native_init: bool) -> None:
         """§7: the reference re-inits all of IMM (its unused ``_fc1``, our projection, included)."""
@@ -361,7 +357,7 @@ class GMMamba(nn.Module):
         attn = weights.new_zeros(features.shape[0]).index_copy(0, torch.cat(index), weights)
         if self.instance_path is None:
             return self.head(self.aggregator(sampled))[None], attn
-        instance_logits, beta = self.instance_path(features if self.options["instance_dim"] else x)
+        instance_logits, beta = self.instance_path(features if self.instance_path.reads_features else x)
         supervised = self.training and self.options["instance_loss_weight"] > 0
         self._forward_state = instance_logits if supervised else None
         return self._fuse(self.head(self.aggregator(sampled))[None], instance_logits), (attn + beta) / 2

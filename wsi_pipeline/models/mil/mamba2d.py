@@ -37,10 +37,10 @@ from torch import nn
 from wsi_pipeline.models.mil.cellgrid import cohort_extent, grid_frame, place_cells
 from wsi_pipeline.models.mil.pooling import (
     AttentionScorer,
-    InstancePath,
     attention_pool,
     check_bag,
     instance_embedding,
+    make_instance_path,
 )
 from wsi_pipeline.models.mil.registry import check_choice, register_model
 from wsi_pipeline.models.ssm.bimamba import xavier_reinit_
@@ -84,9 +84,7 @@ class Mamba2DMIL(nn.Module):
         self.classifier = nn.Linear(d_model, n_classes)
         xavier_reinit_(self)
         # made after the re-init: the released parameters' values and RNG use stay as they were
-        self.instance_dim = instance_dim
-        self.instance_path = (InstancePath(in_dim, n_classes, embed_dim=instance_dim) if instance_dim
-                              else InstancePath(d_model, n_classes)) if instance_path else None
+        self.instance_path = make_instance_path(in_dim, d_model, n_classes, instance_dim) if instance_path else None
 
     def make_groups(self, features: np.ndarray | None, coords: np.ndarray) -> list[np.ndarray]:
         """The grid placement ``[rows, cols]`` of one slide's patches; deterministic, so cached by the trainer."""
@@ -118,7 +116,7 @@ class Mamba2DMIL(nn.Module):
         bag, alpha = attention_pool(h, self.attention(h))
         if self.instance_path is None:
             return self.classifier(bag)[None], alpha[cell]
-        instance_logits, beta = self.instance_path(features if self.instance_dim else x)
+        instance_logits, beta = self.instance_path(features if self.instance_path.reads_features else x)
         return self.classifier(bag)[None] + instance_logits, (alpha[cell] + beta) / 2
 
 

@@ -58,6 +58,7 @@ class InstancePath(nn.Module):
 
     def __init__(self, in_dim: int, n_classes: int, *, embed_dim: int | None = None, hidden: int = 128) -> None:
         super().__init__()
+        self.reads_features = bool(embed_dim)  # its input: the model's input features, else its own embeddings
         self.embed = instance_embedding(in_dim, embed_dim, act="relu", dropout=0.25) if embed_dim else nn.Identity()
         dim = embed_dim or in_dim
         self.scorer = GatedAttentionScorer(dim, hidden)
@@ -68,6 +69,14 @@ class InstancePath(nn.Module):
         h = self.embed(h)
         bag, alpha = attention_pool(h, self.scorer(h))
         return self.head(bag)[None], alpha
+
+
+def make_instance_path(in_dim: int, model_dim: int, n_classes: int, embed_dim: int) -> InstancePath:
+    """A model's instance path: its own ``embed_dim``-wide embedding of the ``in_dim`` input features when
+    ``embed_dim`` > 0, else reading the model's ``model_dim``-wide instance embeddings (docs/gmmamba.md §16)."""
+    if embed_dim:
+        return InstancePath(in_dim, n_classes, embed_dim=embed_dim)
+    return InstancePath(model_dim, n_classes)
 
 
 def attention_pool(h: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

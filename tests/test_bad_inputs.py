@@ -259,6 +259,8 @@ CASES = [
     Case("unknown model", TRAIN, 2, ("cfg.yaml", "model.name", "available"), train_config(model={"name": "gmamba"})),
     Case("unknown model option", TRAIN, 2, ("cfg.yaml", "mask_ratio", "fix the keys under `model:`"),
          train_config(model={"name": "abmil", "mask_ratio": 0.2})),
+    Case("unknown model preset", TRAIN, 2, ("cfg.yaml", "preset 'paper'", "released, recommended"),
+         train_config(model={"name": "2dmamba", "preset": "paper"})),
     Case("labels CSV without label column", TRAIN, 2, ("labels.csv", "missing column", "label"),
          train_config(labels=["slide_id,class", "demo_00,normal"])),
     Case("labels name a slide without features", TRAIN, 2, ("labels.csv", "ghost", "run `wsip extract`"),

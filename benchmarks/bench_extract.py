@@ -94,10 +94,10 @@ def bench_encoder(layout: Layout, name: str, precision: str, args: argparse.Name
     n_patches = run("bench").row["n_patches"]  # first-call costs (allocator, kernels), on both sides
     full_batches, rest = divmod(n_patches, args.batch_size)
     sizes = [args.batch_size] * full_batches + ([rest] if rest else [])
-    bare_seconds(encoder, batch, sorted(set(sizes)), dtype)
+    bare_seconds(encoder.load(), batch, sorted(set(sizes)), dtype)
     bare, full = [], []
     for _ in range(args.rounds):
-        bare.append(n_patches / bare_seconds(encoder, batch, sizes, dtype))
+        bare.append(n_patches / bare_seconds(encoder.load(), batch, sizes, dtype))
         full.append(n_patches / pipeline_seconds(lambda: run("bench"), device))
     ratios = sorted(f / b for f, b in zip(full, bare, strict=True))
     return (f"{name:14s} {precision:>9s} {n_patches:8d} {statistics.median(bare):11.2f} "

@@ -77,9 +77,15 @@ def test_features_equal_a_direct_computation(patched, name, dim):
     np.testing.assert_allclose(features[rows], reference, atol=1e-4, rtol=1e-4)
 
 
-def test_weights_file_cache_and_separate_feature_sets(patched, tmp_path):
+def _no_build(*args, **kwargs):
+    raise AssertionError("the encoder was built for a cohort whose features are all current")
+
+
+def test_weights_file_cache_and_separate_feature_sets(patched, tmp_path, monkeypatch):
     random_run = extract(ExtractParams(weights="random", formats=("h5",)), out=patched)
-    again = extract(ExtractParams(weights="random", formats=("h5",)), out=patched)
+    with monkeypatch.context() as m:  # all current: found from the weights' identity alone, no module built
+        m.setattr("wsi_pipeline.stages.extract.build_encoder", _no_build)
+        again = extract(ExtractParams(weights="random", formats=("h5",)), out=patched)
     assert [o.status for o in again.outcomes] == ["cached", "cached"]
     weights = tmp_path / "my_resnet18.pth"
     model = create_encoder("resnet18", "random", seed=7).module

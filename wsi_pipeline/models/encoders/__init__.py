@@ -23,14 +23,14 @@ from wsi_pipeline.models.encoder_cards import (
     LUNIT_VIT_S16_URL,
 )
 from wsi_pipeline.models.encoders.errors import EncoderError, WeightsFormatError, WeightsUnavailableError
-from wsi_pipeline.models.encoders.spec import Encoder, EncoderSpec, Preprocess
+from wsi_pipeline.models.encoders.spec import Encoder, EncoderSpec, Preprocess, ResolvedWeights
 from wsi_pipeline.models.encoders.weights import expected_keys, load_weights, pretrained_path, read_state_dict
 from wsi_pipeline.models.encoders.zoo import build_card, get_spec, list_encoders
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "LUNIT_MEAN", "LUNIT_STD", "LUNIT_VIT_S16_URL", "Encoder", "EncoderError",
-    "EncoderSpec", "Preprocess", "WeightsFormatError", "WeightsUnavailableError", "build_card", "create_encoder",
-    "get_spec", "list_encoders", "load_weights",
+    "EncoderSpec", "Preprocess", "ResolvedWeights", "WeightsFormatError", "WeightsUnavailableError", "build_card",
+    "build_encoder", "create_encoder", "get_spec", "list_encoders", "load_weights", "resolve_weights",
 ]
 
 
@@ -43,26 +43,37 @@ def create_encoder(
     The module is always built under ``seed`` (without touching the global RNG), so ``random`` gives the
     same features in every run; its ``weights_sha256`` is the marker ``random:<seed>``.
     """
+    return build_encoder(resolve_weights(name, weights, seed=seed), device=device)
+
+
+def resolve_weights(name: str, weights: str | os.PathLike = "pretrained", *, seed: int = 0) -> ResolvedWeights:
+    """The weights `create_encoder` would load and their identity, without building the module: what the extract
+    stage needs to name a feature set and tell whether its features are current (no timm import, no weights
+    read but the file's hash)."""
     spec = get_spec(name)
-    path = None
+    if str(weights) == "random":
+        return ResolvedWeights(spec, None, f"random:{seed}", seed)
     if str(weights) == "pretrained":
         path = pretrained_path(spec)  # before building: fail fast, no wasted init
-    elif str(weights) != "random":
+    else:
         path = Path(weights)
         if not path.is_file():
             raise WeightsUnavailableError(f"--weights {path}: file not found (pass a state dict file, pretrained "
                                           "or random)")
-    if path is None:
+    return ResolvedWeights(spec, path, file_sha256(path), seed)
+
+
+def build_encoder(weights: ResolvedWeights, *, device: str | torch.device = "cpu") -> Encoder:
+    """The eval-mode module holding the resolved weights (a random init under their seed), on ``device``."""
+    if weights.path is None:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            module = spec.builder()
-        sha256 = f"random:{seed}"
+            torch.manual_seed(weights.seed)
+            module = weights.spec.builder()
     else:
-        module = _load_file(spec, path)
-        sha256 = file_sha256(path)
+        module = _load_file(weights.spec, weights.path)
     device = torch.device(device)
     module = module.to(device).eval().requires_grad_(False)
-    return Encoder(module=module, spec=spec, weights_sha256=sha256, device=device)
+    return Encoder(module=module, spec=weights.spec, weights_sha256=weights.sha256, device=device)
 
 
 def _load_file(spec: EncoderSpec, path: Path) -> torch.nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -80,6 +81,16 @@ class EncoderSpec:
         if self.features != "cls+mean":
             return output
         return torch.cat([output[:, 0], output[:, self.prefix_tokens:].mean(dim=1)], dim=-1)
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """Which weights an encoder gets, and their identity, found before any module is built."""
+
+    spec: EncoderSpec
+    path: Path | None  # None: the module's own random init under `seed`
+    sha256: str  # the file's sha256, or the marker "random:<seed>"
+    seed: int = 0
 
 
 @dataclass(frozen=True, eq=False)

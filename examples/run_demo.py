@@ -32,7 +32,7 @@ from wsi_pipeline.testing.synthetic import make_demo_cohort
 
 HERE = Path(__file__).resolve().parent
 FULL = {"n_slides": 40, "size": (2560, 3584), "hotspots": 3, "hotspot_radius": 220}
-SMALL = {"n_slides": 10, "size": (1536, 2048), "hotspots": 3, "hotspot_radius": 200}
+SMALL = {"n_slides": 10, "size": (1024, 1536), "hotspots": 3, "hotspot_radius": 160}
 EXTERNAL = {"full": 8, "small": 4}  # labelled slides of the external cohort (docs/evaluation.md)
 
 

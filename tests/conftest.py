@@ -137,8 +137,9 @@ def small_cohort(build_once) -> Path:
 
 @pytest.fixture(scope="session")
 def wsip() -> Iterator:
-    """One fork server for every test that runs the real CLI (test_faults, test_bad_inputs): torch and the
-    stages are imported once per session, not once per module (in a private mount namespace where permitted)."""
+    """One fork server for the tests that run the real CLI (test_faults, test_bad_inputs, test_layout, …): torch
+    and the stages are imported once per session, not once per run (in a private mount namespace where
+    permitted). Its runs report stdout and stderr together, in `.stderr`."""
     from support.launch import ForkedWsip, namespaces_available
 
     with ForkedWsip(private_mounts=namespaces_available()) as server:

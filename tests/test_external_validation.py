@@ -9,8 +9,6 @@ import hashlib
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +24,6 @@ from wsi_pipeline.stages.predict.cohort import resolve_threshold
 from wsi_pipeline.stages.train import TrainParams, train
 from wsi_pipeline.testing.synthetic import make_demo_cohort
 from wsi_pipeline.workspace.layout import Layout, RunDir
-
-WSIP = [sys.executable, "-m", "wsi_pipeline.cli"]
-
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([*WSIP, *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -131,14 +123,14 @@ def test_labels_in_a_slides_csv_and_the_youden_threshold(study, tmp_path):
 
 
 @pytest.mark.e2e
-def test_one_class_only_says_auc_undefined(study, tmp_path):
+def test_one_class_only_says_auc_undefined(study, tmp_path, wsip):
     root, ws, _ = study
     labels = tmp_path / "tumours.csv"
     labels.write_text("slide_id,label\next_demo_01,tumour\next_demo_03,tumour\n")
-    proc = run_cli("predict", root / "external" / "ext_demo_01.svs", root / "external" / "ext_demo_03.svs",
-                   "--run", "c", "--labels", labels, "--no-heatmap", "--out", ws)
+    proc = wsip(["predict", root / "external" / "ext_demo_01.svs", root / "external" / "ext_demo_03.svs",
+                 "--run", "c", "--labels", labels, "--no-heatmap", "--out", ws], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "undefined: no labelled slide of class 'normal'" in proc.stdout
+    assert "undefined: no labelled slide of class 'normal'" in proc.stderr  # the fork server's output, both streams
     text = (ws / "predictions" / "c" / "metrics.json").read_text()
     assert json.loads(text)["slide"]["metrics"]["auc"]["value"] is None and "NaN" not in text
 
@@ -161,21 +153,22 @@ def test_bad_labels_are_refused_before_anything_is_written(study, tmp_path, rows
 
 
 @pytest.mark.e2e
-def test_a_bad_label_is_one_line_exit_2_from_the_cli(study, tmp_path):
+def test_a_bad_label_is_one_line_exit_2_from_the_cli(study, tmp_path, wsip):
     root, ws, _ = study
     labels = tmp_path / "labels.csv"
     labels.write_text("slide_id,label\next_demo_00,benign\n")
-    proc = run_cli("predict", root / "external" / "ext_demo_00.svs", "--run", "a", "--labels", labels, "--out", ws)
+    proc = wsip(["predict", root / "external" / "ext_demo_00.svs", "--run", "a", "--labels", labels, "--out", ws],
+                tmp_path)
     assert proc.returncode == 2 and "'benign' are not classes of the run" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
 @pytest.mark.e2e
-def test_compare_two_runs_on_the_same_splits_and_refuse_other_slides(study):
+def test_compare_two_runs_on_the_same_splits_and_refuse_other_slides(study, wsip):
     root, ws, _ = study
-    proc = run_cli("compare", "a", "b", "--on", "cv", "--out", ws)
+    proc = wsip(["compare", "a", "b", "--on", "cv", "--out", ws], root, COLUMNS="200")
     assert proc.returncode == 0, proc.stderr
-    assert "AUC" in proc.stdout and "DeLong paired" in proc.stdout and "McNemar exact" in proc.stdout
+    assert "AUC" in proc.stderr and "DeLong paired" in proc.stderr and "McNemar exact" in proc.stderr
     record = json.loads((ws / "comparisons" / "a__vs__b_cv.json").read_text())
     a = read_rows(ws / "runs" / "a" / "oof_predictions.csv")
     b = {r["slide_id"]: r for r in read_rows(ws / "runs" / "b" / "oof_predictions.csv")}
@@ -184,7 +177,7 @@ def test_compare_two_runs_on_the_same_splits_and_refuse_other_slides(study):
         y, [float(r["prob_tumour"]) for r in a])
     assert record["auc"]["delta"] == pytest.approx(delta)
     assert 0 <= record["auc"]["p_value"] <= 1 and record["auc"]["ci"][0] <= delta <= record["auc"]["ci"][1]
-    refused = run_cli("compare", "a", "c", "--on", "cv", "--out", ws)
+    refused = wsip(["compare", "a", "c", "--on", "cv", "--out", ws], root)
     assert refused.returncode == 2 and "not trained on the same splits" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     predict(resolve_inputs([root / "external"]), PredictParams(run="a", labels=root / "ext_labels.csv",

@@ -146,6 +146,7 @@ def demo_features(n_slides: int, *, tag: str = "d", size: tuple[int, int] = (256
     """Task (d)'s default cohort (task (e)'s with FOCAL): `n_slides` demo slides, patched and extracted once
     (cached); returns the feature-set folder and labels CSV."""
     from common import CACHE
+    from filelock import FileLock
 
     from wsi_pipeline.stages.extract import ExtractParams, extract
     from wsi_pipeline.stages.inputs import resolve_inputs
@@ -154,12 +155,14 @@ def demo_features(n_slides: int, *, tag: str = "d", size: tuple[int, int] = (256
 
     root = CACHE / f"quality_{tag}_{n_slides}"
     done = root / "features.done"
-    if not done.is_file():
-        make_demo_cohort(root / "slides", n_slides=n_slides, size=size, hotspots=hotspots,
-                         hotspot_radius=hotspot_radius)
-        patch(resolve_inputs([root / "slides"]), out=root / "ws", workers=2)
-        result = extract(ExtractParams(weights="random", formats=("h5",)), out=root / "ws")
-        done.write_text(str(result.out_dir))
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / "build.lock"):  # `--jobs 2`: one worker builds, the other waits for the whole cohort
+        if not done.is_file():
+            make_demo_cohort(root / "slides", n_slides=n_slides, size=size, hotspots=hotspots,
+                             hotspot_radius=hotspot_radius)
+            patch(resolve_inputs([root / "slides"]), out=root / "ws", workers=2)
+            result = extract(ExtractParams(weights="random", formats=("h5",)), out=root / "ws")
+            done.write_text(str(result.out_dir))
     return done.read_text(), str(root / "labels.csv")
 
 
